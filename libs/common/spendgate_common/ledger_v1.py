@@ -1,0 +1,155 @@
+"""Ledger protocol, version 1: commands in, results out, over NATS request-reply.
+
+One request on ``spendgate.v1.ledger.<partition>.cmd`` carries a :class:`CommandBatch`
+(many commands for one partition; the gateway coalesces concurrent calls) and is answered
+by a :class:`ResultBatch` with one result per command, in the same order, sent only after
+every event of those commands is durable in Postgres.
+
+Secrets never travel: commands carry ``secret_sha256``, the hex SHA-256 of the vault key's
+secret part, which the ledger compares in constant time with the stored hash.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from spendgate_common.events_v1 import Window
+
+
+class Command(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True):
+    """Base of all commands. ``tenant`` routes the command and is checked by the ledger."""
+
+    tenant: str
+
+
+class IssueKey(Command, frozen=True, tag="IssueKey"):
+    key_id: str
+    label: str
+    secret_sha256: str
+    cap_micros: int
+    window: Window
+    timezone: str
+    expires_at_ms: int
+
+
+class Reserve(Command, frozen=True, tag="Reserve"):
+    key_id: str
+    secret_sha256: str
+    amount_micros: int
+    vendor: str
+    operation: str
+    idempotency_key: str | None = None
+    hold_ms: int = 0  # 0: the ledger's default hold time
+
+
+class Commit(Command, frozen=True, tag="Commit"):
+    key_id: str
+    secret_sha256: str
+    reservation_id: str
+    actual_micros: int
+
+
+class Release(Command, frozen=True, tag="Release"):
+    key_id: str
+    secret_sha256: str
+    reservation_id: str
+    reason: str
+
+
+class QueryKey(Command, frozen=True, tag="QueryKey"):
+    """Admin query of one key's state (no secret: only the admin API sends it)."""
+
+    key_id: str
+
+
+AnyCommand = IssueKey | Reserve | Commit | Release | QueryKey
+
+
+class Result(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True):
+    """Base of all results."""
+
+
+class KeyCreated(Result, frozen=True, tag="KeyCreated"):
+    key_id: str
+    expires_at_ms: int
+
+
+class Granted(Result, frozen=True, tag="Granted"):
+    reservation_id: str
+    amount_micros: int
+    expires_at_ms: int
+    committed_micros: int
+    reserved_micros: int
+    cap_micros: int
+    replayed: bool = False  # True when an idempotent retry returned the original grant
+
+
+class Denied(Result, frozen=True, tag="Denied"):
+    decision_id: str
+    code: str
+    message: str
+    scope: str
+    scope_id: str
+    committed_micros: int
+    reserved_micros: int
+    cap_micros: int
+    requested_micros: int
+    replayed: bool = False
+
+
+class Settled(Result, frozen=True, tag="Settled"):
+    """A commit or release took effect (``actual_micros`` is 0 for a release)."""
+
+    reservation_id: str
+    actual_micros: int
+    released_micros: int
+
+
+class KeyState(Result, frozen=True, tag="KeyState"):
+    key_id: str
+    tenant: str
+    label: str
+    cap_micros: int
+    window: Window
+    timezone: str
+    window_start_at_ms: int
+    committed_micros: int
+    reserved_micros: int
+    expires_at_ms: int
+
+
+class Failed(Result, frozen=True, tag="Failed"):
+    """A command refused without changing state. ``code`` is stable (docs/api.md)."""
+
+    code: str
+    message: str
+
+
+AnyResult = KeyCreated | Granted | Denied | Settled | KeyState | Failed
+
+
+class CommandBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    partition: int
+    commands: list[AnyCommand]
+
+
+class ResultBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    results: list[AnyResult]
+
+
+_batch_encoder = msgspec.json.Encoder()
+_command_batch_decoder = msgspec.json.Decoder(CommandBatch)
+_result_batch_decoder = msgspec.json.Decoder(ResultBatch)
+
+
+def encode_batch(batch: CommandBatch | ResultBatch) -> bytes:
+    return _batch_encoder.encode(batch)
+
+
+def decode_command_batch(data: bytes) -> CommandBatch:
+    """Decode a request; raises ``msgspec.DecodeError`` / ``ValidationError`` when malformed."""
+    return _command_batch_decoder.decode(data)
+
+
+def decode_result_batch(data: bytes) -> ResultBatch:
+    return _result_batch_decoder.decode(data)

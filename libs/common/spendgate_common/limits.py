@@ -1,0 +1,24 @@
+"""Named bounds shared by more than one service. Each has a unit in its name.
+
+A service's own bounds live in its settings; these are the ones that two services must
+agree on, or that protect a wire format.
+"""
+
+from __future__ import annotations
+
+# Largest amount a single reservation, commit or cap may carry: one billion USD.
+# Far below 2**63 so that sums of many amounts cannot overflow Postgres bigint.
+AMOUNT_MICROS_MAX = 1_000_000_000 * 1_000_000
+
+# Most commands one NATS request may carry (the gateway coalesces up to this many).
+COMMANDS_PER_REQUEST_MAX = 512
+
+# Longest label (run id), tenant, vendor and idempotency key, in characters.
+LABEL_CHARS_MAX = 128
+TENANT_CHARS_MAX = 32
+VENDOR_CHARS_MAX = 32
+IDEMPOTENCY_KEY_CHARS_MAX = 255
+OPERATION_CHARS_MAX = 256
+
+# Partition count bounds (the count itself is a setting; see settings.py).
+PARTITION_COUNT_MAX = 4096

@@ -1,0 +1,74 @@
+"""The asyncpg adapter: connecting with bounded retries and translating its errors.
+
+This is the one place where asyncpg's exceptions become ours
+(:class:`~spendgate_common.errors.StoreUnavailableError`). Constraint violations are not
+translated: they mean a broken invariant (a duplicate ``(partition, seq)``) and must crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import asyncpg
+
+from spendgate_common.errors import StoreUnavailableError
+
+_log = logging.getLogger(__name__)
+
+# Errors that mean "Postgres is not reachable or not serving right now".
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.QueryCanceledError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+@contextlib.asynccontextmanager
+async def translate_errors(action: str) -> AsyncIterator[None]:
+    """Run a block, turning "Postgres is unavailable" errors into StoreUnavailableError."""
+    try:
+        yield
+    except UNAVAILABLE_ERRORS as error:
+        raise StoreUnavailableError(f"{action}: {type(error).__name__}: {error}") from error
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    statement_timeout: timedelta,
+    connect_deadline: timedelta,
+) -> asyncpg.Pool:
+    """A pool, retrying the first connection until ``connect_deadline`` has passed."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + connect_deadline.total_seconds()
+    delay_s = 0.1
+    while True:
+        try:
+            async with translate_errors("connect"):
+                pool = await asyncpg.create_pool(
+                    dsn,
+                    min_size=min_size,
+                    max_size=max_size,
+                    command_timeout=statement_timeout.total_seconds(),
+                    timeout=connect_deadline.total_seconds(),
+                )
+            assert pool is not None
+            return pool
+        except StoreUnavailableError:
+            if loop.time() + delay_s > give_up_at:
+                raise
+            _log.warning("postgres not reachable yet, retrying in %.1f s", delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 2.0)

@@ -1,0 +1,33 @@
+"""NATS subject and stream names, defined once, with the protocol version in them."""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = "v1"
+
+# JetStream stream that carries every committed ledger event, one subject per partition.
+EVENTS_STREAM = "SPENDGATE_EVENTS"
+EVENTS_SUBJECT_PREFIX = f"spendgate.{PROTOCOL_VERSION}.events"
+EVENTS_SUBJECT_WILDCARD = f"{EVENTS_SUBJECT_PREFIX}.>"
+
+# Durable consumer name of the auditor.
+AUDITOR_DURABLE = "spendgate-auditor"
+
+# Message headers on published events.
+HEADER_MSG_ID = "Nats-Msg-Id"
+HEADER_PARTITION = "Spendgate-Partition"
+HEADER_SEQ = "Spendgate-Seq"
+
+
+def ledger_command_subject(partition: int) -> str:
+    """Request-reply subject for a batch of commands to one partition."""
+    return f"spendgate.{PROTOCOL_VERSION}.ledger.{partition}.cmd"
+
+
+def events_subject(partition: int) -> str:
+    """JetStream subject of one partition's committed events."""
+    return f"{EVENTS_SUBJECT_PREFIX}.{partition}"
+
+
+def event_msg_id(partition: int, seq: int) -> str:
+    """``Nats-Msg-Id`` of an event, so a republish after a crash is deduplicated."""
+    return f"{partition}:{seq}"

@@ -1,0 +1,190 @@
+"""One partition's loop: apply commands in order, group-commit their events, then reply.
+
+NATS callbacks only hand requests to :meth:`PartitionWorker.submit` (never awaiting the
+database). The loop takes every waiting request up to ``batch_commands_max`` commands,
+decides and applies them one after another in memory, appends all their events in one
+fenced transaction, and only then publishes the replies. If the append fails, nobody has
+seen the batch's results: every caller gets an error and the in-memory state is rebuilt
+from the log, which is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from spendgate_common.errors import FencedError, StoreUnavailableError
+from spendgate_common.events_v1 import AnyEvent, decode_event, encode_event
+from spendgate_common.ledger_v1 import AnyCommand, AnyResult, Failed, ResultBatch, encode_batch
+
+from spendgate_ledger._relay import EventRelay
+from spendgate_ledger._state import PartitionState
+from spendgate_ledger._store import EventRow, Lease, LedgerStore
+
+_log = logging.getLogger(__name__)
+
+Reply = Callable[[str, bytes], Awaitable[None]]
+
+# Pause between attempts to rebuild state while Postgres is unreachable.
+RELOAD_RETRY_PAUSE = timedelta(milliseconds=250)
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    commands: list[AnyCommand]
+    reply_subject: str
+
+
+def event_type(event: AnyEvent) -> str:
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+async def load_state(
+    store: LedgerStore,
+    partition: int,
+    partition_count: int,
+    hold_default: timedelta,
+    *,
+    expected_last_seq: int | None,
+) -> PartitionState:
+    """Rebuild a partition's state by replaying its whole log.
+
+    ``expected_last_seq`` is the lease row's ``last_seq`` when known: the log must end
+    exactly there (both are written in one transaction).
+    """
+    state = PartitionState(
+        partition=partition,
+        partition_count=partition_count,
+        default_hold_ms=int(hold_default.total_seconds() * 1000),
+    )
+    async for page in store.read_events(partition, 0):
+        for row in page:
+            state.apply(row.seq, decode_event(row.body))
+    assert expected_last_seq is None or state.last_seq == expected_last_seq, (
+        f"partition {partition}: log ends at {state.last_seq}, lease says {expected_last_seq}"
+    )
+    return state
+
+
+class PartitionWorker:
+    def __init__(
+        self,
+        lease: Lease,
+        state: PartitionState,
+        store: LedgerStore,
+        relay: EventRelay,
+        reply: Reply,
+        *,
+        batch_commands_max: int,
+        queue_requests_max: int,
+        hold_default: timedelta,
+    ) -> None:
+        self.lease = lease
+        self.state = state
+        self._store = store
+        self._relay = relay
+        self._reply = reply
+        self._batch_commands_max = batch_commands_max
+        self._hold_default = hold_default
+        self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=queue_requests_max)
+        self.fenced = False
+        self.busy = False
+
+    @property
+    def partition(self) -> int:
+        return self.lease.partition
+
+    def submit(self, request: PendingRequest) -> bool:
+        """Queue a request; False when the queue is full (the caller answers "overloaded")."""
+        try:
+            self._queue.put_nowait(request)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def run(self) -> None:
+        """Process batches until fenced (or cancelled by the service on shutdown)."""
+        while not self.fenced:
+            batch = [await self._queue.get()]
+            commands = len(batch[0].commands)
+            while commands < self._batch_commands_max and not self._queue.empty():
+                request = self._queue.get_nowait()
+                batch.append(request)
+                commands += len(request.commands)
+            await self._process(batch)
+
+    async def drain(self) -> None:
+        """Process what is already queued (used on graceful shutdown)."""
+        while not self._queue.empty() and not self.fenced:
+            await self._process([self._queue.get_nowait()])
+
+    async def _process(self, batch: list[PendingRequest]) -> None:
+        self.busy = True
+        try:
+            await self._process_batch(batch)
+        finally:
+            self.busy = False
+
+    async def _process_batch(self, batch: list[PendingRequest]) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        first_seq = self.state.last_seq + 1
+        rows: list[EventRow] = []
+        replies: list[list[AnyResult]] = []
+        for request in batch:
+            results: list[AnyResult] = []
+            for command in request.commands:
+                decision = self.state.decide(command, now_ms)
+                for event in decision.events:
+                    seq = self.state.last_seq + 1
+                    self.state.apply(seq, event)
+                    rows.append(EventRow(seq, event_type(event), encode_event(event)))
+                results.append(decision.result)
+            replies.append(results)
+        if rows:
+            failure = await self._append(first_seq, rows)
+            if failure is not None:
+                replies = [[failure] * len(request.commands) for request in batch]
+            else:
+                self._relay.committed(rows, rows[-1].seq)
+        for request, results in zip(batch, replies, strict=True):
+            await self._reply(request.reply_subject, encode_batch(ResultBatch(results)))
+
+    async def _append(self, first_seq: int, rows: list[EventRow]) -> Failed | None:
+        try:
+            await self._store.append(self.lease, first_seq, rows)
+        except FencedError:
+            _log.error(
+                "partition %d: fenced (epoch %d), dropping it", self.partition, self.lease.epoch
+            )
+            self.fenced = True
+            return Failed("not_owner", "this ledger replica no longer owns the partition")
+        except StoreUnavailableError as error:
+            _log.warning("partition %d: append failed: %s", self.partition, error)
+            await self._reload()
+            return Failed("store_unavailable", "the ledger could not reach its database")
+        return None
+
+    async def _reload(self) -> None:
+        """Rebuild state from the log after a failed append (it may or may not have landed)."""
+        while not self.fenced:
+            try:
+                self.state = await load_state(
+                    self._store,
+                    self.partition,
+                    self.state.partition_count,
+                    self._hold_default,
+                    expected_last_seq=None,
+                )
+                self._relay.committed([], self.state.last_seq)
+                return
+            except StoreUnavailableError:
+                await asyncio.sleep(RELOAD_RETRY_PAUSE.total_seconds())

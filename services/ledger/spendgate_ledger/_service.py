@@ -1,0 +1,251 @@
+"""The ledger service: leases, one worker and one relay per owned partition, NATS wiring.
+
+Start: connect Postgres (apply migrations) and NATS (ensure the events stream), then the
+lease loop claims free partitions; for each it replays the log, starts the partition loop
+and the relay, and subscribes to the partition's command subject (queue group, so a
+message reaches one replica even while ownership moves). A partition whose lease is lost
+or whose append was fenced is dropped at once.
+
+Stop (SIGTERM): unsubscribe, let the loops finish what is queued, let the relays publish
+what is committed, give the leases up so another replica takes over without waiting,
+drain NATS, close the pool, all within ``shutdown_deadline``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import asyncpg
+import msgspec
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from spendgate_common import nats_adapter, pg
+from spendgate_common.errors import StoreUnavailableError
+from spendgate_common.ledger_v1 import (
+    Failed,
+    ResultBatch,
+    decode_command_batch,
+    encode_batch,
+)
+from spendgate_common.limits import COMMANDS_PER_REQUEST_MAX
+from spendgate_common.migrate import apply_migrations
+from spendgate_common.subjects import ledger_command_subject
+
+from spendgate_ledger._partition import PartitionWorker, PendingRequest, load_state
+from spendgate_ledger._relay import EventRelay
+from spendgate_ledger._settings import LedgerSettings
+from spendgate_ledger._store import Lease, LedgerStore
+
+_log = logging.getLogger(__name__)
+
+QUEUE_GROUP = "spendgate-ledger"
+# Bounds of one partition subscription's client-side buffer; beyond them NATS drops
+# messages loudly (slow consumer) and the callers time out and retry.
+SUBSCRIPTION_PENDING_MESSAGES_MAX = 100_000
+SUBSCRIPTION_PENDING_BYTES_MAX = 256 * 1024 * 1024
+# Events a relay keeps in memory before it falls back to reading the log.
+RELAY_BUFFER_EVENTS_MAX = 200_000
+CONNECT_DEADLINE = timedelta(seconds=30)
+
+
+@dataclass(slots=True)
+class _Owned:
+    worker: PartitionWorker
+    relay: EventRelay
+    subscription: Subscription
+    tasks: tuple[asyncio.Task[None], asyncio.Task[None]]
+
+
+class LedgerService:
+    def __init__(self, settings: LedgerSettings) -> None:
+        self._settings = settings
+        self._owned: dict[int, _Owned] = {}
+        self._stopping = asyncio.Event()
+        self._renewed_at = 0.0
+        self._pool: asyncpg.Pool | None = None
+        self._nats: NatsClient | None = None
+        self._store: LedgerStore | None = None
+        self._lease_task: asyncio.Task[None] | None = None
+
+    @property
+    def owned_partitions(self) -> list[int]:
+        return sorted(self._owned)
+
+    async def start(self) -> None:
+        settings = self._settings
+        self._pool = await pg.create_pool(
+            settings.database_url,
+            min_size=2,
+            max_size=settings.database_pool_max,
+            statement_timeout=settings.statement_timeout,
+            connect_deadline=CONNECT_DEADLINE,
+        )
+        async with pg.translate_errors("migrate"), self._pool.acquire() as connection:
+            applied = await apply_migrations(connection)
+        if applied:
+            _log.info("applied migrations %s", applied)
+        self._store = LedgerStore(self._pool, settings.owner_id)
+        await self._store.seed_partitions(settings.common.partition_count)
+        self._nats = await nats_adapter.connect(
+            settings.common.nats_url, name="spendgate-ledger", connect_deadline=CONNECT_DEADLINE
+        )
+        await nats_adapter.ensure_events_stream(self._nats.jetstream())
+        await self._lease_round()
+        self._lease_task = asyncio.create_task(self._lease_loop(), name="ledger-leases")
+        _log.info("ledger %s started, owns %d partitions", settings.owner_id, len(self._owned))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        deadline = self._settings.shutdown_deadline
+        give_up_at = time.monotonic() + deadline.total_seconds()
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
+        for owned in self._owned.values():
+            with contextlib.suppress(Exception):
+                await owned.subscription.unsubscribe()
+        # Let every partition loop finish what it had accepted, then publish what committed.
+        while any(o.worker.queued() or o.worker.busy for o in self._owned.values()):
+            if time.monotonic() > give_up_at:
+                break
+            await asyncio.sleep(0.01)
+        for owned in self._owned.values():
+            remaining = max(0.0, give_up_at - time.monotonic())
+            await owned.relay.wait_idle(timedelta(seconds=remaining))
+        leases = [owned.worker.lease for owned in self._owned.values()]
+        for partition in list(self._owned):
+            await self._drop(partition, unsubscribe=False)
+        if self._store is not None:
+            with contextlib.suppress(StoreUnavailableError):
+                await self._store.give_up(leases)
+        if self._nats is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nats.drain(), max(0.1, give_up_at - time.monotonic()))
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), max(0.1, give_up_at - time.monotonic()))
+        _log.info("ledger %s stopped", self._settings.owner_id)
+
+    # ------------------------------------------------------------------------ leases
+
+    async def _lease_loop(self) -> None:
+        interval_s = self._settings.lease.total_seconds() / 3
+        while not self._stopping.is_set():
+            await asyncio.sleep(interval_s)
+            try:
+                await self._lease_round()
+            except StoreUnavailableError as error:
+                _log.warning("lease round failed: %s", error)
+            # Without a renewal for a whole lease period, another replica may own our
+            # partitions by now: stop answering for them (appends would be fenced anyway).
+            if time.monotonic() - self._renewed_at > self._settings.lease.total_seconds():
+                for partition in list(self._owned):
+                    _log.error("partition %d: lease not renewed in time, dropping", partition)
+                    await self._drop(partition)
+
+    async def _lease_round(self) -> None:
+        assert self._store is not None
+        settings = self._settings
+        leases = [owned.worker.lease for owned in self._owned.values()]
+        still_ours = await self._store.renew(leases, settings.lease)
+        self._renewed_at = time.monotonic()
+        for partition, owned in list(self._owned.items()):
+            if partition not in still_ours or owned.worker.fenced:
+                _log.warning("partition %d: lease lost, dropping", partition)
+                await self._drop(partition)
+        if self._stopping.is_set():
+            return
+        for lease in await self._store.claim_free(settings.lease, settings.common.partition_count):
+            await self._adopt(lease)
+
+    async def _adopt(self, lease: Lease) -> None:
+        assert self._store is not None
+        assert self._nats is not None
+        settings = self._settings
+        if lease.partition in self._owned:
+            await self._drop(lease.partition)
+        state = await load_state(
+            self._store,
+            lease.partition,
+            settings.common.partition_count,
+            settings.hold_default,
+            expected_last_seq=lease.last_seq,
+        )
+        relay = EventRelay(
+            lease.partition,
+            self._nats.jetstream(),
+            self._store,
+            await self._store.published_seq(lease.partition),
+            inflight_max=settings.relay_inflight_max,
+            buffer_events_max=RELAY_BUFFER_EVENTS_MAX,
+        )
+        relay.committed([], state.last_seq)
+        worker = PartitionWorker(
+            lease,
+            state,
+            self._store,
+            relay,
+            self._nats.publish,
+            batch_commands_max=settings.batch_commands_max,
+            queue_requests_max=settings.partition_queue_requests_max,
+            hold_default=settings.hold_default,
+        )
+        tasks = (
+            asyncio.create_task(worker.run(), name=f"partition-{lease.partition}"),
+            asyncio.create_task(relay.run(), name=f"relay-{lease.partition}"),
+        )
+        subscription = await self._nats.subscribe(
+            ledger_command_subject(lease.partition),
+            queue=QUEUE_GROUP,
+            cb=self._on_request,
+            pending_msgs_limit=SUBSCRIPTION_PENDING_MESSAGES_MAX,
+            pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES_MAX,
+        )
+        self._owned[lease.partition] = _Owned(worker, relay, subscription, tasks)
+        _log.info(
+            "partition %d: owned at epoch %d (seq %d)", lease.partition, lease.epoch, state.last_seq
+        )
+
+    async def _drop(self, partition: int, *, unsubscribe: bool = True) -> None:
+        owned = self._owned.pop(partition)
+        if unsubscribe:
+            with contextlib.suppress(Exception):
+                await owned.subscription.unsubscribe()
+        for task in owned.tasks:
+            task.cancel()
+        for task in owned.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # ---------------------------------------------------------------------- requests
+
+    async def _on_request(self, msg: Msg) -> None:
+        """NATS callback: decode and hand over to the partition loop. Never awaits Postgres."""
+        if not msg.reply:
+            return
+        try:
+            batch = decode_command_batch(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            await self._refuse(msg.reply, 1, Failed("malformed_request", str(error)))
+            return
+        count = len(batch.commands)
+        partition = int(msg.subject.split(".")[3])
+        owned = self._owned.get(partition)
+        if batch.partition != partition or not 0 < count <= COMMANDS_PER_REQUEST_MAX:
+            failure = Failed("malformed_request", "wrong partition or command count")
+            await self._refuse(msg.reply, max(count, 1), failure)
+        elif owned is None or owned.worker.fenced:
+            await self._refuse(msg.reply, count, Failed("not_owner", "partition not owned here"))
+        elif not owned.worker.submit(PendingRequest(batch.commands, msg.reply)):
+            await self._refuse(msg.reply, count, Failed("overloaded", "partition queue is full"))
+
+    async def _refuse(self, reply: str, count: int, failure: Failed) -> None:
+        assert self._nats is not None
+        await self._nats.publish(reply, encode_batch(ResultBatch([failure] * count)))

@@ -1,0 +1,169 @@
+"""Postgres side of the ledger: leases, fenced group-commit appends, log reads, watermarks.
+
+Every method translates asyncpg's errors through :func:`spendgate_common.pg.translate_errors`
+(store unavailable) or raises :class:`~spendgate_common.errors.FencedError` when a lease
+check fails. Lease times use Postgres's clock (``now()``), one clock for all replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import asyncpg
+from spendgate_common.errors import FencedError
+from spendgate_common.pg import translate_errors
+
+# Rows fetched per round trip while replaying a partition's log.
+REPLAY_FETCH_ROWS = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    partition: int
+    epoch: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    seq: int
+    type: str
+    body: bytes
+
+
+class LedgerStore:
+    def __init__(self, pool: asyncpg.Pool, owner: str) -> None:
+        self._pool = pool
+        self.owner = owner
+
+    async def seed_partitions(self, partition_count: int) -> None:
+        """Make sure a lease row and a watermark row exist for every partition."""
+        async with translate_errors("seed partitions"), self._pool.acquire() as connection:
+            await connection.execute(
+                "INSERT INTO partition_leases (partition) SELECT generate_series(0, $1 - 1)"
+                " ON CONFLICT DO NOTHING",
+                partition_count,
+            )
+            await connection.execute(
+                "INSERT INTO outbox_watermarks (partition) SELECT generate_series(0, $1 - 1)"
+                " ON CONFLICT DO NOTHING",
+                partition_count,
+            )
+
+    async def claim_free(self, lease: timedelta, most: int) -> list[Lease]:
+        """Take up to ``most`` partitions whose lease is free or expired; bump their epoch."""
+        async with translate_errors("claim leases"), self._pool.acquire() as connection:
+            rows = await connection.fetch(
+                "UPDATE partition_leases SET owner = $1, epoch = epoch + 1,"
+                " expires_at = now() + $2::interval"
+                " WHERE partition IN (SELECT partition FROM partition_leases"
+                "   WHERE owner IS NULL OR expires_at < now()"
+                "   ORDER BY partition LIMIT $3 FOR UPDATE SKIP LOCKED)"
+                " RETURNING partition, epoch, last_seq",
+                self.owner,
+                lease,
+                most,
+            )
+        return [Lease(row["partition"], row["epoch"], row["last_seq"]) for row in rows]
+
+    async def renew(self, leases: Sequence[Lease], lease: timedelta) -> set[int]:
+        """Extend the given leases; return the partitions still ours (epoch unchanged)."""
+        if not leases:
+            return set()
+        async with translate_errors("renew leases"), self._pool.acquire() as connection:
+            rows = await connection.fetch(
+                "UPDATE partition_leases AS l SET expires_at = now() + $2::interval"
+                " FROM unnest($3::int[], $4::bigint[]) AS mine(partition, epoch)"
+                " WHERE l.partition = mine.partition AND l.epoch = mine.epoch AND l.owner = $1"
+                " RETURNING l.partition",
+                self.owner,
+                lease,
+                [held.partition for held in leases],
+                [held.epoch for held in leases],
+            )
+        return {row["partition"] for row in rows}
+
+    async def give_up(self, leases: Sequence[Lease]) -> None:
+        """Expire our leases now so that another replica takes over without waiting."""
+        if not leases:
+            return
+        async with translate_errors("release leases"), self._pool.acquire() as connection:
+            await connection.execute(
+                "UPDATE partition_leases AS l SET expires_at = 'epoch', owner = NULL"
+                " FROM unnest($2::int[], $3::bigint[]) AS mine(partition, epoch)"
+                " WHERE l.partition = mine.partition AND l.epoch = mine.epoch AND l.owner = $1",
+                self.owner,
+                [held.partition for held in leases],
+                [held.epoch for held in leases],
+            )
+
+    async def append(self, lease: Lease, first_seq: int, rows: Sequence[EventRow]) -> None:
+        """Append one batch in one transaction, fenced by the lease epoch.
+
+        The lease row's ``last_seq`` must equal ``first_seq - 1`` and its epoch and owner
+        must be ours, else nothing is written and :class:`FencedError` is raised. The
+        ``(partition, seq)`` primary key refuses a duplicate a second time.
+        """
+        assert rows
+        assert rows[0].seq == first_seq
+        assert all(row.seq == first_seq + index for index, row in enumerate(rows))
+        last_seq = rows[-1].seq
+        async with (
+            translate_errors("append events"),
+            self._pool.acquire() as connection,
+            connection.transaction(),
+        ):
+            status = await connection.execute(
+                "UPDATE partition_leases SET last_seq = $1"
+                " WHERE partition = $2 AND epoch = $3 AND owner = $4 AND last_seq = $5",
+                last_seq,
+                lease.partition,
+                lease.epoch,
+                self.owner,
+                first_seq - 1,
+            )
+            if status != "UPDATE 1":
+                raise FencedError(lease.partition, lease.epoch)
+            await connection.copy_records_to_table(
+                "events",
+                columns=("partition", "seq", "epoch", "type", "body"),
+                records=[
+                    (lease.partition, row.seq, lease.epoch, row.type, row.body) for row in rows
+                ],
+            )
+
+    async def read_events(self, partition: int, after_seq: int) -> AsyncIterator[list[EventRow]]:
+        """The partition's events after ``after_seq`` in order, a page at a time."""
+        cursor_seq = after_seq
+        while True:
+            async with translate_errors("read events"), self._pool.acquire() as connection:
+                rows = await connection.fetch(
+                    "SELECT seq, type, body FROM events WHERE partition = $1 AND seq > $2"
+                    " ORDER BY seq LIMIT $3",
+                    partition,
+                    cursor_seq,
+                    REPLAY_FETCH_ROWS,
+                )
+            if not rows:
+                return
+            page = [EventRow(row["seq"], row["type"], bytes(row["body"])) for row in rows]
+            cursor_seq = page[-1].seq
+            yield page
+
+    async def published_seq(self, partition: int) -> int:
+        async with translate_errors("read watermark"), self._pool.acquire() as connection:
+            value = await connection.fetchval(
+                "SELECT published_seq FROM outbox_watermarks WHERE partition = $1", partition
+            )
+        return int(value or 0)
+
+    async def set_published_seq(self, partition: int, seq: int) -> None:
+        async with translate_errors("write watermark"), self._pool.acquire() as connection:
+            await connection.execute(
+                "UPDATE outbox_watermarks SET published_seq = GREATEST(published_seq, $2)"
+                " WHERE partition = $1",
+                partition,
+                seq,
+            )
