@@ -30,6 +30,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
     asyncpg.QueryCanceledError,
     asyncpg.TooManyConnectionsError,
+    # Raised when the server ends a connection in the middle of an operation
+    # (MagicStack/asyncpg#784): the same "not reachable right now" for us.
+    asyncpg.InternalClientError,
 )
 
 

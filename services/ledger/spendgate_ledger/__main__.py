@@ -8,7 +8,6 @@ import sys
 from spendgate_common.errors import ConfigurationError
 from spendgate_common.runtime import configure_logging, run_until_signalled
 from spendgate_common.settings import Env
-
 from spendgate_ledger._service import LedgerService
 from spendgate_ledger._settings import LedgerSettings
 

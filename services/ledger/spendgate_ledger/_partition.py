@@ -20,7 +20,6 @@ from datetime import timedelta
 from spendgate_common.errors import FencedError, StoreUnavailableError
 from spendgate_common.events_v1 import AnyEvent, decode_event, encode_event
 from spendgate_common.ledger_v1 import AnyCommand, AnyResult, Failed, ResultBatch, encode_batch
-
 from spendgate_ledger._relay import EventRelay
 from spendgate_ledger._state import PartitionState
 from spendgate_ledger._store import EventRow, Lease, LedgerStore

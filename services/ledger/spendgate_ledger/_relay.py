@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+
 from spendgate_common.errors import StoreUnavailableError
 from spendgate_common.subjects import (
     HEADER_MSG_ID,
@@ -25,7 +26,6 @@ from spendgate_common.subjects import (
     event_msg_id,
     events_subject,
 )
-
 from spendgate_ledger._store import EventRow, LedgerStore
 
 _log = logging.getLogger(__name__)

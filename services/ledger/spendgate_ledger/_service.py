@@ -25,6 +25,7 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
 from spendgate_common import nats_adapter, pg
 from spendgate_common.errors import StoreUnavailableError
 from spendgate_common.ledger_v1 import (
@@ -36,7 +37,6 @@ from spendgate_common.ledger_v1 import (
 from spendgate_common.limits import COMMANDS_PER_REQUEST_MAX
 from spendgate_common.migrate import apply_migrations
 from spendgate_common.subjects import ledger_command_subject
-
 from spendgate_ledger._partition import PartitionWorker, PendingRequest, load_state
 from spendgate_ledger._relay import EventRelay
 from spendgate_ledger._settings import LedgerSettings

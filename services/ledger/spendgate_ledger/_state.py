@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import msgspec
+
 from spendgate_common.events_v1 import (
     AnyEvent,
     KeyIssued,
@@ -141,17 +142,24 @@ class PartitionState:
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}_{self.partition}_{self.last_seq + 1}"
 
-    def _authenticate(self, key_id: str, secret_sha256: str, now_ms: int) -> KeyRecord | Failed:
+    def _authenticate(
+        self, tenant: str, key_id: str, secret_sha256: str, now_ms: int
+    ) -> KeyRecord | Failed:
         key = self.keys.get(key_id)
-        # Unknown key and wrong secret look the same to the caller on purpose.
-        if key is None or not hmac.compare_digest(key.secret_sha256, secret_sha256):
+        # Unknown key, another tenant's key (tenants share partitions) and a wrong secret
+        # look the same to the caller on purpose.
+        if (
+            key is None
+            or key.tenant != tenant
+            or not hmac.compare_digest(key.secret_sha256, secret_sha256)
+        ):
             return Failed("invalid_key", "the vault key is not valid")
         if now_ms >= key.expires_at_ms:
             return Failed("key_expired", "the vault key has expired")
         return key
 
     def _decide_reserve(self, command: Reserve, now_ms: int) -> Decision:
-        key = self._authenticate(command.key_id, command.secret_sha256, now_ms)
+        key = self._authenticate(command.tenant, command.key_id, command.secret_sha256, now_ms)
         if isinstance(key, Failed):
             return Decision(key)
         problem = _reserve_problem(command)
@@ -228,13 +236,13 @@ class PartitionState:
         return Decision(result, (denied,))
 
     def _decide_settle(self, command: Commit | Release, now_ms: int) -> Decision:
-        key = self._authenticate(command.key_id, command.secret_sha256, now_ms)
+        key = self._authenticate(command.tenant, command.key_id, command.secret_sha256, now_ms)
         if isinstance(key, Failed):
             return Decision(key)
         hold = self.holds.get(command.reservation_id)
         if hold is None or hold.key_id != key.key_id:
             outcome = self.settled.get(command.reservation_id)
-            if outcome is not None and command.reservation_id.startswith("rsv_"):
+            if outcome is not None:
                 return Decision(
                     Failed("already_settled", f"reservation was already settled ({outcome})")
                 )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
+
 from spendgate_common.errors import FencedError
 from spendgate_common.pg import translate_errors
 

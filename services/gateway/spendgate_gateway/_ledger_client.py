@@ -1,0 +1,149 @@
+"""The gateway's side of the ledger protocol: one command in, one result out, coalesced.
+
+Calls for the same partition share NATS requests: up to ``inflight_max`` requests are in
+flight per partition, and commands that arrive meanwhile wait and leave together in the
+next request (up to COMMANDS_PER_REQUEST_MAX), as a database client batches. At low load
+every call leaves at once; at high load per-message overhead is paid per batch.
+
+Retries: a request nobody answered (no responders: the partition is between owners) or
+that the ledger refused without applying it (``not_owner``, ``overloaded``) is retried
+until the deadline. A timeout is not retried (the command may have been applied); it
+becomes :class:`LedgerUnavailableError`, and the gateway fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import msgspec
+from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from spendgate_common.errors import LedgerUnavailableError
+from spendgate_common.ledger_v1 import (
+    AnyCommand,
+    AnyResult,
+    CommandBatch,
+    Failed,
+    decode_result_batch,
+    encode_batch,
+)
+from spendgate_common.limits import COMMANDS_PER_REQUEST_MAX
+from spendgate_common.partitioning import partition_for_tenant
+from spendgate_common.subjects import ledger_command_subject
+
+# Failures the ledger answers without applying the command: safe to send again.
+RETRYABLE_CODES = frozenset({"not_owner", "overloaded"})
+RETRY_PAUSE = timedelta(milliseconds=50)
+
+_Waiter = tuple[AnyCommand, "asyncio.Future[AnyResult]"]
+
+
+@dataclass(slots=True)
+class _Channel:
+    partition: int
+    pending: list[_Waiter] = field(default_factory=list)
+    inflight: int = 0
+
+
+class LedgerClient:
+    def __init__(
+        self,
+        nats: NatsClient,
+        *,
+        partition_count: int,
+        timeout: timedelta,
+        inflight_max: int,
+    ) -> None:
+        self._nats = nats
+        self._partition_count = partition_count
+        self._timeout_s = timeout.total_seconds()
+        self._inflight_max = inflight_max
+        self._channels = [_Channel(partition) for partition in range(partition_count)]
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def partition_of(self, tenant: str) -> int:
+        return partition_for_tenant(tenant, self._partition_count)
+
+    async def execute(self, command: AnyCommand) -> AnyResult:
+        """Send one command to its partition and return its result.
+
+        Raises :class:`LedgerUnavailableError` when no ledger answers within the deadline
+        or NATS is down. Retryable refusals are retried inside the deadline.
+        """
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._timeout_s
+        while True:
+            result = await self._submit(command)
+            if not (isinstance(result, Failed) and result.code in RETRYABLE_CODES):
+                return result
+            if loop.time() + RETRY_PAUSE.total_seconds() >= give_up_at:
+                raise LedgerUnavailableError(f"ledger answered {result.code} until the deadline")
+            await asyncio.sleep(RETRY_PAUSE.total_seconds())
+
+    async def _submit(self, command: AnyCommand) -> AnyResult:
+        channel = self._channels[self.partition_of(command.tenant)]
+        future: asyncio.Future[AnyResult] = asyncio.get_running_loop().create_future()
+        channel.pending.append((command, future))
+        if channel.inflight < self._inflight_max:
+            channel.inflight += 1
+            task = asyncio.create_task(self._send_while_pending(channel))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _send_while_pending(self, channel: _Channel) -> None:
+        try:
+            while channel.pending:
+                waiters = channel.pending[:COMMANDS_PER_REQUEST_MAX]
+                del channel.pending[:COMMANDS_PER_REQUEST_MAX]
+                await self._send(channel.partition, waiters)
+        finally:
+            channel.inflight -= 1
+
+    async def _send(self, partition: int, waiters: list[_Waiter]) -> None:
+        payload = encode_batch(CommandBatch(partition, [command for command, _ in waiters]))
+        subject = ledger_command_subject(partition)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._timeout_s
+        try:
+            while True:
+                remaining_s = give_up_at - loop.time()
+                if remaining_s <= 0:
+                    raise LedgerUnavailableError("no ledger answered before the deadline")
+                try:
+                    reply = await self._nats.request(subject, payload, timeout=remaining_s)
+                    break
+                except NoRespondersError:
+                    # Nobody owns the partition right now (takeover): nothing was applied.
+                    await asyncio.sleep(min(RETRY_PAUSE.total_seconds(), remaining_s))
+            results = decode_result_batch(reply.data).results
+            if len(results) != len(waiters):
+                raise LedgerUnavailableError("ledger reply does not match the request")
+        except (NatsTimeoutError, TimeoutError) as error:
+            self._fail(waiters, LedgerUnavailableError(f"ledger request timed out: {error}"))
+            return
+        except (NatsError, OSError, msgspec.DecodeError, msgspec.ValidationError) as error:
+            self._fail(waiters, LedgerUnavailableError(f"ledger request failed: {error}"))
+            return
+        except LedgerUnavailableError as error:
+            self._fail(waiters, error)
+            return
+        for (_, future), result in zip(waiters, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    @staticmethod
+    def _fail(waiters: list[_Waiter], error: Exception) -> None:
+        for _, future in waiters:
+            if not future.done():
+                future.set_exception(error)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

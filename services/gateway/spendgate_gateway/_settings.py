@@ -1,0 +1,98 @@
+"""The gateway's settings, read once at start from ``SPENDGATE_*`` variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from spendgate_common.errors import ConfigurationError
+from spendgate_common.settings import CommonSettings, Env
+
+# Vendors the gateway knows; each reads SPENDGATE_<VENDOR>_BASE_URL and _API_KEY.
+VENDOR_DEFAULT_BASE_URLS = {
+    "stripe": "https://api.stripe.com",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class VendorSettings:
+    name: str
+    base_url: str
+    # None when not configured: calls to this vendor are refused with vendor_not_configured.
+    api_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    common: CommonSettings
+    admin_token: str
+    host: str
+    port: int
+    vendors: dict[str, VendorSettings]
+    ledger_timeout: timedelta
+    # Requests in flight to the ledger per partition; beyond it calls are coalesced.
+    ledger_inflight_per_partition_max: int
+    body_bytes_max: int
+    key_ttl_default: timedelta
+    upstream_connect_timeout: timedelta
+    upstream_read_timeout: timedelta
+    upstream_connections_max: int
+    shutdown_deadline: timedelta
+
+    @classmethod
+    def from_env(cls, env: Env) -> GatewaySettings:
+        admin_token = env.text("SPENDGATE_ADMIN_TOKEN")
+        if len(admin_token) < 16:
+            raise ConfigurationError("SPENDGATE_ADMIN_TOKEN", "must be at least 16 characters")
+        vendors = {
+            name: VendorSettings(
+                name=name,
+                base_url=env.url(f"SPENDGATE_{name.upper()}_BASE_URL", default).rstrip("/"),
+                api_key=env.optional_text(f"SPENDGATE_{name.upper()}_API_KEY"),
+            )
+            for name, default in VENDOR_DEFAULT_BASE_URLS.items()
+        }
+        return cls(
+            common=CommonSettings.from_env(env),
+            admin_token=admin_token,
+            host=env.text("SPENDGATE_GATEWAY_HOST", "127.0.0.1"),
+            port=env.integer("SPENDGATE_GATEWAY_PORT", 8080, minimum=0, maximum=65_535),
+            vendors=vendors,
+            ledger_timeout=timedelta(
+                milliseconds=env.integer(
+                    "SPENDGATE_GATEWAY_LEDGER_TIMEOUT_MS", 2_000, minimum=50, maximum=60_000
+                )
+            ),
+            ledger_inflight_per_partition_max=env.integer(
+                "SPENDGATE_GATEWAY_LEDGER_INFLIGHT_MAX", 4, minimum=1, maximum=64
+            ),
+            body_bytes_max=env.integer(
+                "SPENDGATE_GATEWAY_BODY_BYTES_MAX", 1_048_576, minimum=1_024, maximum=64 * 1_048_576
+            ),
+            key_ttl_default=timedelta(
+                seconds=env.integer(
+                    "SPENDGATE_KEY_TTL_DEFAULT_SECONDS",
+                    30 * 86_400,
+                    minimum=60,
+                    maximum=3_650 * 86_400,
+                )
+            ),
+            upstream_connect_timeout=timedelta(
+                milliseconds=env.integer(
+                    "SPENDGATE_UPSTREAM_CONNECT_TIMEOUT_MS", 5_000, minimum=100, maximum=60_000
+                )
+            ),
+            upstream_read_timeout=timedelta(
+                milliseconds=env.integer(
+                    "SPENDGATE_UPSTREAM_READ_TIMEOUT_MS", 60_000, minimum=100, maximum=600_000
+                )
+            ),
+            upstream_connections_max=env.integer(
+                "SPENDGATE_UPSTREAM_CONNECTIONS_MAX", 100, minimum=1, maximum=10_000
+            ),
+            shutdown_deadline=timedelta(
+                seconds=env.integer(
+                    "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
+                )
+            ),
+        )

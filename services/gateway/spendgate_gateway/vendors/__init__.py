@@ -1,0 +1,14 @@
+"""One module per vendor; :data:`VENDORS` maps the proxy path's first segment to it."""
+
+from spendgate_gateway.vendors._base import (
+    Estimate,
+    Outcome,
+    Settlement,
+    UnpricedCallError,
+    Vendor,
+)
+from spendgate_gateway.vendors.stripe import Stripe
+
+VENDORS: dict[str, Vendor] = {"stripe": Stripe()}
+
+__all__ = ["VENDORS", "Estimate", "Outcome", "Settlement", "UnpricedCallError", "Vendor"]
