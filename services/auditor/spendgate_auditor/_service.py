@@ -1,0 +1,284 @@
+"""The auditor service: a durable JetStream pull consumer that chains events in Postgres.
+
+Start: connect Postgres (apply migrations) and NATS (ensure the events stream), create or
+update the durable pull consumer ``AUDITOR_DURABLE`` (explicit acks, bounded pending),
+then loop: fetch a bounded batch, chain it in one Postgres transaction, and only after the
+commit ack what was chained or was a duplicate, and nak (with a delay) what is held
+behind a gap. Nothing is ever acked before its commit, so a crash at any point leads to a
+redelivery, which the heads recognise as duplicates.
+
+When Postgres or NATS goes away the loop logs, pauses (doubling up to a bound) and
+continues; the fetched messages are nak'd so that they come back after the pause.
+
+Stop (SIGTERM): finish the batch in flight, unsubscribe, drain NATS, close the pool, all
+within ``shutdown_deadline``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import asyncpg
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from spendgate_auditor._gaps import GapWatch
+from spendgate_auditor._plan import Delivery, parse_delivery
+from spendgate_auditor._settings import AuditorSettings
+from spendgate_auditor._store import AuditStore, BatchOutcome
+from spendgate_common import nats_adapter, pg
+from spendgate_common.errors import StoreUnavailableError
+from spendgate_common.migrate import apply_migrations
+from spendgate_common.subjects import AUDITOR_DURABLE, EVENTS_STREAM
+
+_log = logging.getLogger(__name__)
+
+# Bounds of the pull subscription's client-side buffer. A fetch asks for at most
+# ``fetch_messages_max`` messages, so these only guard against a misbehaving server.
+SUBSCRIPTION_PENDING_MESSAGES_MAX = 20_000
+SUBSCRIPTION_PENDING_BYTES_MAX = 64 * 1024 * 1024
+# Exit status of a process whose loop hit a broken invariant (EX_SOFTWARE).
+EXIT_CODE_CRASHED = 70
+# Errors of NATS calls on the consume path (connection lost, request timed out).
+_NATS_ERRORS = (NatsError, OSError, TimeoutError)
+
+
+class AuditorService:
+    """One auditor. ``exit_on_crash``: a broken invariant in the loop ends the process.
+
+    The process form (``python -m spendgate_auditor``) sets it, so the orchestrator
+    restarts the auditor and it resumes from its heads; in-process users (tests) leave it
+    off and find the error re-raised by :meth:`stop`.
+    """
+
+    def __init__(self, settings: AuditorSettings, *, exit_on_crash: bool = False) -> None:
+        self._settings = settings
+        self._exit_on_crash = exit_on_crash
+        self._stopping = asyncio.Event()
+        self._pool: asyncpg.Pool | None = None
+        self._nats: NatsClient | None = None
+        self._subscription: JetStreamContext.PullSubscription | None = None
+        self._store: AuditStore | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._pause_s = settings.retry_pause_min.total_seconds()
+        self._gaps = GapWatch(settings.gap_alarm_after.total_seconds())
+
+    async def start(self) -> None:
+        settings = self._settings
+        self._pool = await pg.create_pool(
+            settings.database_url,
+            min_size=1,
+            max_size=settings.database_pool_max,
+            statement_timeout=settings.statement_timeout,
+            connect_deadline=settings.connect_deadline,
+        )
+        async with pg.translate_errors("migrate"), self._pool.acquire() as connection:
+            applied = await apply_migrations(connection)
+        if applied:
+            _log.info("applied migrations %s", applied)
+        self._store = AuditStore(self._pool)
+        self._nats = await nats_adapter.connect(
+            settings.common.nats_url,
+            name="spendgate-auditor",
+            connect_deadline=settings.connect_deadline,
+        )
+        jetstream = self._nats.jetstream()
+        await self._ensure_consumer(jetstream)
+        self._subscription = await jetstream.pull_subscribe_bind(
+            durable=AUDITOR_DURABLE,
+            stream=EVENTS_STREAM,
+            pending_msgs_limit=SUBSCRIPTION_PENDING_MESSAGES_MAX,
+            pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES_MAX,
+        )
+        self._loop_task = asyncio.create_task(self._consume(), name="auditor-consume")
+        self._loop_task.add_done_callback(self._on_loop_done)
+        _log.info("auditor started: consumer %s on stream %s", AUDITOR_DURABLE, EVENTS_STREAM)
+
+    async def _ensure_consumer(self, jetstream: JetStreamContext) -> None:
+        """Create the stream and the consumer, or update them to our configuration."""
+        await nats_adapter.ensure_events_stream(jetstream)
+        settings = self._settings
+        # Naming the consumer makes add_consumer create-or-update it, so a changed bound
+        # takes effect on restart. Unlimited deliveries: an event is never given up on.
+        config = ConsumerConfig(
+            name=AUDITOR_DURABLE,
+            durable_name=AUDITOR_DURABLE,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=settings.ack_wait.total_seconds(),
+            max_ack_pending=settings.ack_pending_max,
+            max_deliver=-1,
+        )
+        await jetstream.add_consumer(EVENTS_STREAM, config)
+
+    def _on_loop_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        _log.critical("auditor loop crashed", exc_info=task.exception())
+        if self._exit_on_crash:
+            # Nothing is acked before its commit, so dying here loses nothing.
+            os._exit(EXIT_CODE_CRASHED)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        give_up_at = time.monotonic() + self._settings.shutdown_deadline.total_seconds()
+
+        def remaining_s() -> float:
+            return max(0.1, give_up_at - time.monotonic())
+
+        if self._loop_task is not None:
+            # The loop notices the stop within one fetch wait plus one batch; past the
+            # deadline it is cancelled, which rolls back its transaction without acking.
+            done, _ = await asyncio.wait([self._loop_task], timeout=remaining_s())
+            if not done:
+                self._loop_task.cancel()
+                await asyncio.wait([self._loop_task])
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+        if self._nats is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nats.drain(), remaining_s())
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), remaining_s())
+        _log.info("auditor stopped")
+        if self._loop_task is not None and not self._loop_task.cancelled():
+            crash = self._loop_task.exception()
+            if crash is not None:
+                raise crash
+
+    # ------------------------------------------------------------------------- loop
+
+    async def _consume(self) -> None:
+        assert self._subscription is not None
+        settings = self._settings
+        while not self._stopping.is_set():
+            try:
+                messages = await self._subscription.fetch(
+                    settings.fetch_messages_max, timeout=settings.fetch_wait.total_seconds()
+                )
+            except _NATS_ERRORS as error:
+                # nats-py reports "no message within the wait" as a timeout, too.
+                if isinstance(error, TimeoutError) and self._nats_connected():
+                    continue
+                _log.warning("fetching events failed: %s: %s", type(error).__name__, error)
+                await self._pause()
+                if self._nats_connected():
+                    # Connected but failing: the stream or consumer may have been lost
+                    # (a NATS server that came back without its store).
+                    await self._reensure_consumer()
+                continue
+            try:
+                await self._handle(messages)
+            except StoreUnavailableError as error:
+                _log.warning("chaining %d events failed: %s", len(messages), error)
+                await _settle(messages, [], [], range(len(messages)), self._pause_s)
+                await self._pause()
+                continue
+            self._pause_s = settings.retry_pause_min.total_seconds()
+
+    async def _handle(self, messages: Sequence[Msg]) -> None:
+        assert self._store is not None
+        deliveries: list[Delivery] = []
+        malformed: list[int] = []
+        for token, message in enumerate(messages):
+            delivery = parse_delivery(message.subject, message.headers, message.data, token)
+            if delivery is None:
+                malformed.append(token)
+            else:
+                deliveries.append(delivery)
+        for token in malformed:
+            _log.error(
+                "terminating a malformed message on %s (headers %s): not a ledger event",
+                messages[token].subject,
+                messages[token].headers,
+            )
+        outcome = await self._store.chain(deliveries) if deliveries else None
+        # Committed (or nothing to commit): now, and only now, settle the messages.
+        if outcome is None:
+            await _settle(messages, [], malformed, [], 0)
+            return
+        self._report(outcome)
+        plan = outcome.plan
+        held = [delivery.token for delivery in plan.held]
+        delay_s = self._settings.gap_redelivery_delay.total_seconds()
+        await _settle(messages, plan.settled_tokens(), malformed, held, delay_s)
+
+    def _report(self, outcome: BatchOutcome) -> None:
+        self._gaps.advanced(outcome.plan.heads)
+        now_s = time.monotonic()
+        for gap in outcome.plan.gaps:
+            status, open_s = self._gaps.seen(gap, now_s)
+            if status == "new":
+                # Usually a redelivery still on its way (after a failure or a restart).
+                _log.warning(
+                    "partition %d: gap in the event stream: expected seq %d, received seq %d;"
+                    " holding it for redelivery",
+                    gap.partition,
+                    gap.expected_seq,
+                    gap.received_seq,
+                )
+            elif status == "alarm":
+                _log.error(
+                    "partition %d: gap in the event stream open for %.0f s: seq %d has not"
+                    " arrived (received seq %d); the partition's chain is stalled",
+                    gap.partition,
+                    open_s,
+                    gap.expected_seq,
+                    gap.received_seq,
+                )
+        for delivery in outcome.conflicts:
+            _log.error(
+                "partition %d: seq %d was redelivered with bytes that differ from the chained"
+                " event (changed at its source after publishing?); the chain keeps the first",
+                delivery.partition,
+                delivery.seq,
+            )
+
+    async def _reensure_consumer(self) -> None:
+        assert self._nats is not None
+        try:
+            await self._ensure_consumer(self._nats.jetstream())
+        except _NATS_ERRORS as error:
+            _log.warning("re-creating the consumer failed: %s: %s", type(error).__name__, error)
+
+    def _nats_connected(self) -> bool:
+        return self._nats is not None and self._nats.is_connected
+
+    async def _pause(self) -> None:
+        """Sleep the current back-off (cut short by a stop), then double it up to its bound."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), self._pause_s)
+        self._pause_s = min(self._pause_s * 2, self._settings.retry_pause_max.total_seconds())
+
+
+async def _settle(
+    messages: Sequence[Msg],
+    acked: Sequence[int],
+    terminated: Sequence[int],
+    delayed: Sequence[int],
+    delay_s: float,
+) -> None:
+    """Ack, terminate and nak (with ``delay_s``) the messages at the given indexes.
+
+    A failure here is only logged: an unacked message is redelivered after ``ack_wait``
+    and recognised as a duplicate, so losing an ack costs time, never correctness.
+    """
+    try:
+        for token in acked:
+            await messages[token].ack()
+        for token in terminated:
+            await messages[token].term()
+        for token in delayed:
+            await messages[token].nak(delay=delay_s)
+    except _NATS_ERRORS as error:
+        _log.warning("settling messages failed (they will be redelivered): %s", error)
