@@ -22,3 +22,6 @@ OPERATION_CHARS_MAX = 256
 
 # Partition count bounds (the count itself is a setting; see settings.py).
 PARTITION_COUNT_MAX = 4096
+
+# Longest hold a reserve may ask for: seven days, in milliseconds.
+HOLD_MS_MAX = 7 * 86_400_000

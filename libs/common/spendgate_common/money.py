@@ -8,6 +8,7 @@ nobody set. Conversion back to a decimal string happens only at the HTTP edge.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 
 from spendgate_common.errors import InvalidAmountError
@@ -16,6 +17,11 @@ from spendgate_common.limits import AMOUNT_MICROS_MAX
 MICROS_PER_USD = 1_000_000
 MICROS_PER_CENT = 10_000
 _MICRO = Decimal("0.000001")
+# ASCII decimal text: digits, one optional point, an optional exponent; the words for
+# infinity and NaN pass here so that they get their own, clearer refusal below.
+_DECIMAL_TEXT = re.compile(
+    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|(?i:inf|infinity|s?nan))"
+)
 
 __all__ = [
     "MICROS_PER_CENT",
@@ -36,6 +42,9 @@ def parse_usd(value: object, *, field: str, allow_zero: bool = False) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, int | Decimal | str):
         raise InvalidAmountError(field, "must be a number or a decimal string")
+    if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value.strip()):
+        # Decimal() alone would accept "1_5" and non-ASCII digits.
+        raise InvalidAmountError(field, "is not a decimal number")
     try:
         amount = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
     except (InvalidOperation, ValueError):
@@ -47,10 +56,12 @@ def parse_usd(value: object, *, field: str, allow_zero: bool = False) -> int:
     # Compare before scaling so that an absurd exponent (1E+400) cannot build a huge int.
     if amount > Decimal(AMOUNT_MICROS_MAX) / MICROS_PER_USD:
         raise InvalidAmountError(field, f"must be at most {format_usd(AMOUNT_MICROS_MAX)} USD")
-    micros = amount * MICROS_PER_USD
-    if micros != micros.to_integral_value():
+    # Exact at any precision: quantize to one micro and refuse if that changed the value.
+    # (amount <= 1e9 here, so the quantized value has at most 16 digits.)
+    whole_micros = amount.quantize(_MICRO)
+    if whole_micros != amount:
         raise InvalidAmountError(field, "has more than six decimal places (1 micro-USD)")
-    result = int(micros)
+    result = int(whole_micros.scaleb(6))
     if result == 0 and not allow_zero:
         raise InvalidAmountError(field, "must be greater than zero")
     return result

@@ -19,6 +19,9 @@ from spendgate_common.errors import StoreUnavailableError
 
 _log = logging.getLogger(__name__)
 
+# One connection attempt's timeout while create_pool retries within its deadline.
+CONNECT_ATTEMPT_TIMEOUT_S = 5.0
+
 # Errors that mean "Postgres is not reachable or not serving right now".
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -58,6 +61,7 @@ async def create_pool(
     give_up_at = loop.time() + connect_deadline.total_seconds()
     delay_s = 0.1
     while True:
+        attempt_timeout_s = max(0.1, min(CONNECT_ATTEMPT_TIMEOUT_S, give_up_at - loop.time()))
         try:
             async with translate_errors("connect"):
                 pool = await asyncpg.create_pool(
@@ -65,7 +69,7 @@ async def create_pool(
                     min_size=min_size,
                     max_size=max_size,
                     command_timeout=statement_timeout.total_seconds(),
-                    timeout=connect_deadline.total_seconds(),
+                    timeout=attempt_timeout_s,
                 )
             assert pool is not None
             return pool

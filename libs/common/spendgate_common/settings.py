@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from spendgate_common.errors import ConfigurationError
 from spendgate_common.limits import PARTITION_COUNT_MAX
+from spendgate_common.timezones import zone
 
 PREFIX = "SPENDGATE_"
 
@@ -70,10 +70,8 @@ class Env:
 
     def timezone(self, name: str, default: str) -> str:
         value = self.text(name, default)
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ConfigurationError(name, f"is not an IANA time zone: {value!r}") from None
+        if zone(value) is None:
+            raise ConfigurationError(name, f"is not an IANA time zone: {value!r}")
         return value
 
 

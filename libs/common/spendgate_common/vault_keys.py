@@ -21,10 +21,12 @@ KEY_PREFIX = "sgk"
 KEY_ID_CHARS = 16
 SECRET_CHARS = 32
 
-TENANT_PATTERN = re.compile(rf"^[a-z0-9][a-z0-9-]{{0,{TENANT_CHARS_MAX - 1}}}$")
+TENANT_PATTERN = re.compile(rf"[a-z0-9][a-z0-9-]{{0,{TENANT_CHARS_MAX - 1}}}")
+KEY_ID_PATTERN = re.compile(rf"[a-z2-7]{{{KEY_ID_CHARS}}}")
+SECRET_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _KEY_PATTERN = re.compile(
-    rf"^{KEY_PREFIX}_([a-z0-9][a-z0-9-]{{0,{TENANT_CHARS_MAX - 1}}})"
-    rf"_([a-z2-7]{{{KEY_ID_CHARS}}})_([a-z2-7]{{{SECRET_CHARS}}})$"
+    rf"{KEY_PREFIX}_([a-z0-9][a-z0-9-]{{0,{TENANT_CHARS_MAX - 1}}})"
+    rf"_([a-z2-7]{{{KEY_ID_CHARS}}})_([a-z2-7]{{{SECRET_CHARS}}})"
 )
 
 
@@ -48,13 +50,18 @@ def _random_base32(chars: int) -> str:
 
 def new_vault_key(tenant: str) -> VaultKey:
     """A fresh key for ``tenant`` (which must match :data:`TENANT_PATTERN`)."""
-    assert TENANT_PATTERN.match(tenant), tenant
+    assert is_valid_tenant(tenant), tenant
     return VaultKey(tenant, _random_base32(KEY_ID_CHARS), _random_base32(SECRET_CHARS))
+
+
+def is_valid_tenant(tenant: str) -> bool:
+    """``[a-z0-9][a-z0-9-]*``, at most TENANT_CHARS_MAX characters (whole string)."""
+    return TENANT_PATTERN.fullmatch(tenant) is not None
 
 
 def parse_vault_key(text: str) -> VaultKey | None:
     """Parse a presented key; ``None`` when it does not have a vault key's shape."""
-    match = _KEY_PATTERN.match(text)
+    match = _KEY_PATTERN.fullmatch(text)
     if match is None:
         return None
     return VaultKey(match.group(1), match.group(2), match.group(3))

@@ -21,7 +21,7 @@ from spendgate_common.events_v1 import Window
 from spendgate_common.ledger_v1 import Failed, IssueKey, KeyCreated, KeyState, QueryKey
 from spendgate_common.limits import LABEL_CHARS_MAX
 from spendgate_common.money import format_usd, parse_usd
-from spendgate_common.vault_keys import TENANT_PATTERN, new_vault_key
+from spendgate_common.vault_keys import is_valid_tenant, new_vault_key
 from spendgate_gateway._failures import failed_status
 from spendgate_gateway._ledger_client import LedgerClient
 from spendgate_gateway._responses import error_response, json_response, read_body
@@ -83,7 +83,7 @@ class ControlPlane:
             raise InvalidRequestError(
                 "invalid_label", f"label must be 1 to {LABEL_CHARS_MAX} characters"
             )
-        if not TENANT_PATTERN.match(spec.tenant):
+        if not is_valid_tenant(spec.tenant):
             raise InvalidRequestError(
                 "invalid_tenant",
                 "tenant must be 1 to 32 of a-z, 0-9 and '-', starting alphanumeric",
@@ -130,7 +130,7 @@ class ControlPlane:
     async def get_key(self, request: Request) -> Response:
         self._check_admin(request)
         tenant = request.query_params.get("tenant", "default")
-        if not TENANT_PATTERN.match(tenant):
+        if not is_valid_tenant(tenant):
             raise InvalidRequestError("invalid_tenant", "tenant is not a valid tenant name")
         key_id = request.path_params["key_id"]
         result = await self._ledger.execute(QueryKey(tenant=tenant, key_id=key_id))

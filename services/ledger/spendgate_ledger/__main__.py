@@ -18,7 +18,7 @@ def main() -> None:
         settings = LedgerSettings.from_env(Env())
     except ConfigurationError as error:
         sys.exit(f"spendgate ledger: configuration error: {error}")
-    service = LedgerService(settings)
+    service = LedgerService(settings, exit_on_crash=True)
     asyncio.run(run_until_signalled(service.start, service.stop))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +26,7 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 
 from spendgate_common import nats_adapter, pg
 from spendgate_common.errors import StoreUnavailableError
@@ -52,6 +54,8 @@ SUBSCRIPTION_PENDING_BYTES_MAX = 256 * 1024 * 1024
 # Events a relay keeps in memory before it falls back to reading the log.
 RELAY_BUFFER_EVENTS_MAX = 200_000
 CONNECT_DEADLINE = timedelta(seconds=30)
+# Exit status of a process whose partition loop hit a broken invariant (EX_SOFTWARE).
+EXIT_CODE_CRASHED = 70
 
 
 @dataclass(slots=True)
@@ -63,8 +67,18 @@ class _Owned:
 
 
 class LedgerService:
-    def __init__(self, settings: LedgerSettings) -> None:
+    """One ledger replica. ``exit_on_crash``: a partition task that dies ends the process.
+
+    A dying partition loop or relay means a broken invariant (STYLE rule 6). The process
+    form (``python -m spendgate_ledger``) exits, the orchestrator restarts it, and the
+    state is rebuilt from the log; in-process users (tests) get the partition dropped and
+    the error re-raised by :meth:`stop`.
+    """
+
+    def __init__(self, settings: LedgerSettings, *, exit_on_crash: bool = False) -> None:
         self._settings = settings
+        self._exit_on_crash = exit_on_crash
+        self.crash: BaseException | None = None
         self._owned: dict[int, _Owned] = {}
         self._stopping = asyncio.Event()
         self._renewed_at = 0.0
@@ -78,6 +92,13 @@ class LedgerService:
         return sorted(self._owned)
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._close_connections(timedelta(seconds=5))
+            raise
+
+    async def _start(self) -> None:
         settings = self._settings
         self._pool = await pg.create_pool(
             settings.database_url,
@@ -108,9 +129,10 @@ class LedgerService:
             self._lease_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lease_task
+        # Drain: requests already delivered to us are still handed to the loops.
         for owned in self._owned.values():
             with contextlib.suppress(Exception):
-                await owned.subscription.unsubscribe()
+                await owned.subscription.drain()  # type: ignore[no-untyped-call]
         # Let every partition loop finish what it had accepted, then publish what committed.
         while any(o.worker.queued() or o.worker.busy for o in self._owned.values()):
             if time.monotonic() > give_up_at:
@@ -125,13 +147,18 @@ class LedgerService:
         if self._store is not None:
             with contextlib.suppress(StoreUnavailableError):
                 await self._store.give_up(leases)
+        await self._close_connections(timedelta(seconds=max(0.1, give_up_at - time.monotonic())))
+        _log.info("ledger %s stopped", self._settings.owner_id)
+        if self.crash is not None:
+            raise self.crash
+
+    async def _close_connections(self, deadline: timedelta) -> None:
         if self._nats is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._nats.drain(), max(0.1, give_up_at - time.monotonic()))
+                await asyncio.wait_for(self._nats.drain(), deadline.total_seconds() / 2)
         if self._pool is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pool.close(), max(0.1, give_up_at - time.monotonic()))
-        _log.info("ledger %s stopped", self._settings.owner_id)
+                await asyncio.wait_for(self._pool.close(), deadline.total_seconds() / 2)
 
     # ------------------------------------------------------------------------ leases
 
@@ -141,7 +168,7 @@ class LedgerService:
             await asyncio.sleep(interval_s)
             try:
                 await self._lease_round()
-            except StoreUnavailableError as error:
+            except (StoreUnavailableError, NatsError, OSError, TimeoutError) as error:
                 _log.warning("lease round failed: %s", error)
             # Without a renewal for a whole lease period, another replica may own our
             # partitions by now: stop answering for them (appends would be fenced anyway).
@@ -162,8 +189,13 @@ class LedgerService:
                 await self._drop(partition)
         if self._stopping.is_set():
             return
-        for lease in await self._store.claim_free(settings.lease, settings.common.partition_count):
+        claimed = await self._store.claim_free(settings.lease, settings.common.partition_count)
+        for lease in claimed:
             await self._adopt(lease)
+        if claimed:
+            # The server must know the new subscriptions before we answer as their owner.
+            assert self._nats is not None
+            await self._nats.flush()
 
     async def _adopt(self, lease: Lease) -> None:
         assert self._store is not None
@@ -201,6 +233,8 @@ class LedgerService:
             asyncio.create_task(worker.run(), name=f"partition-{lease.partition}"),
             asyncio.create_task(relay.run(), name=f"relay-{lease.partition}"),
         )
+        for task in tasks:
+            task.add_done_callback(self._on_task_done)
         subscription = await self._nats.subscribe(
             ledger_command_subject(lease.partition),
             queue=QUEUE_GROUP,
@@ -212,6 +246,19 @@ class LedgerService:
         _log.info(
             "partition %d: owned at epoch %d (seq %d)", lease.partition, lease.epoch, state.last_seq
         )
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        _log.critical("%s died: %r", task.get_name(), error, exc_info=error)
+        if self._exit_on_crash:
+            # The log is the truth: a restarted process rebuilds a correct state from it.
+            os._exit(EXIT_CODE_CRASHED)
+        self.crash = error
+        partition = int(task.get_name().rsplit("-", 1)[1])
+        if partition in self._owned and task in self._owned[partition].tasks:
+            asyncio.get_running_loop().create_task(self._drop(partition))
 
     async def _drop(self, partition: int, *, unsubscribe: bool = True) -> None:
         owned = self._owned.pop(partition)

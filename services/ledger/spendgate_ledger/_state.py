@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import zoneinfo
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -47,6 +46,7 @@ from spendgate_common.ledger_v1 import (
 )
 from spendgate_common.limits import (
     AMOUNT_MICROS_MAX,
+    HOLD_MS_MAX,
     IDEMPOTENCY_KEY_CHARS_MAX,
     LABEL_CHARS_MAX,
     OPERATION_CHARS_MAX,
@@ -54,6 +54,8 @@ from spendgate_common.limits import (
 )
 from spendgate_common.money import format_usd
 from spendgate_common.partitioning import partition_for_tenant
+from spendgate_common.timezones import zone
+from spendgate_common.vault_keys import KEY_ID_PATTERN, SECRET_SHA256_PATTERN
 
 _WINDOWS: tuple[Window, ...] = ("total", "daily")
 
@@ -99,8 +101,9 @@ def window_start_at_ms(window: Window, timezone: str, now_ms: int) -> int:
     """Start of the window containing ``now_ms``: 0 for ``total``, local midnight for ``daily``."""
     if window == "total":
         return 0
-    zone = zoneinfo.ZoneInfo(timezone)
-    local = datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(zone)
+    tz = zone(timezone)
+    assert tz is not None, timezone  # validated when the key was issued
+    local = datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(tz)
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
     return int(midnight.timestamp()) * 1000
 
@@ -117,6 +120,8 @@ class PartitionState:
     partition_count: int
     default_hold_ms: int
     last_seq: int = 0
+    # Ledger clock of the last applied event; decisions never use an earlier time.
+    last_at_ms: int = 0
     keys: dict[str, KeyRecord] = field(default_factory=dict)
     holds: dict[str, Hold] = field(default_factory=dict)
     settled: dict[str, str] = field(default_factory=dict)
@@ -126,6 +131,9 @@ class PartitionState:
 
     def decide(self, command: AnyCommand, now_ms: int) -> Decision:
         """Decide ``command`` against the current state. Changes nothing."""
+        # Never decide "before" the last event: a takeover replica's clock may be behind,
+        # and windows must not move backwards (a past window would look empty).
+        now_ms = max(now_ms, self.last_at_ms)
         if partition_for_tenant(command.tenant, self.partition_count) != self.partition:
             return Decision(Failed("wrong_partition", "tenant does not belong to this partition"))
         match command:
@@ -143,7 +151,7 @@ class PartitionState:
         return f"{prefix}_{self.partition}_{self.last_seq + 1}"
 
     def _authenticate(
-        self, tenant: str, key_id: str, secret_sha256: str, now_ms: int
+        self, tenant: str, key_id: str, secret_sha256: str, now_ms: int, *, for_reserve: bool
     ) -> KeyRecord | Failed:
         key = self.keys.get(key_id)
         # Unknown key, another tenant's key (tenants share partitions) and a wrong secret
@@ -154,12 +162,16 @@ class PartitionState:
             or not hmac.compare_digest(key.secret_sha256, secret_sha256)
         ):
             return Failed("invalid_key", "the vault key is not valid")
-        if now_ms >= key.expires_at_ms:
+        # Expiry stops new reservations only: a call granted before the key expired must
+        # still be committed at its real cost (or released).
+        if for_reserve and now_ms >= key.expires_at_ms:
             return Failed("key_expired", "the vault key has expired")
         return key
 
     def _decide_reserve(self, command: Reserve, now_ms: int) -> Decision:
-        key = self._authenticate(command.tenant, command.key_id, command.secret_sha256, now_ms)
+        key = self._authenticate(
+            command.tenant, command.key_id, command.secret_sha256, now_ms, for_reserve=True
+        )
         if isinstance(key, Failed):
             return Decision(key)
         problem = _reserve_problem(command)
@@ -177,7 +189,7 @@ class PartitionState:
                         )
                     )
                 return Decision(msgspec.structs.replace(seen.result, replayed=True))
-        window_start = window_start_at_ms(key.window, key.timezone, now_ms)
+        window_start = _current_window_start(key, now_ms)
         committed = key.committed_micros if window_start == key.window_start_at_ms else 0
         if committed + key.reserved_micros + command.amount_micros > key.cap_micros:
             return self._deny(command, key, committed, window_start, fingerprint, now_ms)
@@ -236,7 +248,9 @@ class PartitionState:
         return Decision(result, (denied,))
 
     def _decide_settle(self, command: Commit | Release, now_ms: int) -> Decision:
-        key = self._authenticate(command.tenant, command.key_id, command.secret_sha256, now_ms)
+        key = self._authenticate(
+            command.tenant, command.key_id, command.secret_sha256, now_ms, for_reserve=False
+        )
         if isinstance(key, Failed):
             return Decision(key)
         hold = self.holds.get(command.reservation_id)
@@ -264,13 +278,17 @@ class PartitionState:
             key_id=key.key_id,
             reserved_micros=hold.amount_micros,
             actual_micros=command.actual_micros,
-            window_start_at_ms=window_start_at_ms(key.window, key.timezone, now_ms),
+            window_start_at_ms=_current_window_start(key, now_ms),
         )
         released_micros = max(0, hold.amount_micros - command.actual_micros)
         result = Settled(hold.reservation_id, command.actual_micros, released_micros)
         return Decision(result, (committed,))
 
     def _decide_issue_key(self, command: IssueKey, now_ms: int) -> Decision:
+        if not KEY_ID_PATTERN.fullmatch(command.key_id):
+            return Decision(Failed("invalid_key_id", "key id must be 16 of a-z and 2-7"))
+        if not SECRET_SHA256_PATTERN.fullmatch(command.secret_sha256):
+            return Decision(Failed("invalid_secret_hash", "secret_sha256 must be 64 hex digits"))
         if command.key_id in self.keys:
             return Decision(Failed("key_exists", "a key with this id already exists"))
         if not 0 < command.cap_micros <= AMOUNT_MICROS_MAX:
@@ -281,9 +299,7 @@ class PartitionState:
             return Decision(Failed("invalid_label", "label length out of range"))
         if command.expires_at_ms <= now_ms:
             return Decision(Failed("invalid_ttl", "the key would already be expired"))
-        try:
-            zoneinfo.ZoneInfo(command.timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        if zone(command.timezone) is None:
             return Decision(Failed("invalid_timezone", "not an IANA time zone"))
         issued = KeyIssued(
             at_ms=now_ms,
@@ -302,7 +318,7 @@ class PartitionState:
         key = self.keys.get(command.key_id)
         if key is None or key.tenant != command.tenant:
             return Decision(Failed("key_not_found", "no such key"))
-        window_start = window_start_at_ms(key.window, key.timezone, now_ms)
+        window_start = _current_window_start(key, now_ms)
         committed = key.committed_micros if window_start == key.window_start_at_ms else 0
         state = KeyState(
             key_id=key.key_id,
@@ -364,6 +380,7 @@ class PartitionState:
                     ),
                 )
         self.last_seq = seq
+        self.last_at_ms = max(self.last_at_ms, event.at_ms)
 
     def _key_in_window(self, key_id: str, window_start: int) -> KeyRecord:
         """The key, rolled over to ``window_start`` when that is a newer window.
@@ -417,9 +434,16 @@ def _denied_result(event: ReservationDenied, label: str, window: Window) -> Deni
     )
 
 
+def _current_window_start(key: KeyRecord, now_ms: int) -> int:
+    """The window containing ``now_ms``, never earlier than the key's latest window."""
+    return max(window_start_at_ms(key.window, key.timezone, now_ms), key.window_start_at_ms)
+
+
 def _reserve_problem(command: Reserve) -> Failed | None:
     if not 0 < command.amount_micros <= AMOUNT_MICROS_MAX:
         return Failed("invalid_amount", "amount must be positive and at most the maximum")
+    if not 0 <= command.hold_ms <= HOLD_MS_MAX:
+        return Failed("invalid_hold", f"hold_ms must be 0 (default) to {HOLD_MS_MAX}")
     if not 0 < len(command.vendor) <= VENDOR_CHARS_MAX:
         return Failed("invalid_vendor", "vendor name length out of range")
     if len(command.operation) > OPERATION_CHARS_MAX:
