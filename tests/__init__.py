@@ -1,0 +1,1 @@
+"""Spendgate tests. A package, so that tests can import ``tests.harness``."""
