@@ -7,8 +7,12 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import msgspec
+
+from spendgate_common.errors import ConfigurationError
+from spendgate_common.settings import Env
 
 _encoder = msgspec.json.Encoder()
 
@@ -55,3 +59,20 @@ async def run_until_signalled(
     await start()
     await stopped.wait()
     await stop()
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def service_main(name: str, build: Callable[[Env], Service]) -> None:
+    """``python -m spendgate_<name>``: JSON logs, settings from the environment, run until
+    SIGTERM or SIGINT. A configuration error exits at once, naming the variable."""
+    configure_logging(name)
+    try:
+        service = build(Env())
+    except ConfigurationError as error:
+        sys.exit(f"spendgate {name}: configuration error: {error}")
+    asyncio.run(run_until_signalled(service.start, service.stop))

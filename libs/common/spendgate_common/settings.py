@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 from spendgate_common.errors import ConfigurationError
 from spendgate_common.limits import PARTITION_COUNT_MAX
@@ -67,6 +68,17 @@ class Env:
         if not minimum <= number <= maximum:
             raise ConfigurationError(name, f"must be between {minimum} and {maximum}, got {number}")
         return number
+
+    def milliseconds(self, name: str, default: int, *, minimum: int, maximum: int) -> timedelta:
+        """A duration given in whole milliseconds (the name should end in ``_MS``)."""
+        assert name.endswith("_MS"), name
+        value = self.integer(name, default, minimum=minimum, maximum=maximum)
+        return timedelta(milliseconds=value)
+
+    def seconds(self, name: str, default: int, *, minimum: int, maximum: int) -> timedelta:
+        """A duration given in whole seconds (the name should end in ``_SECONDS``)."""
+        assert name.endswith("_SECONDS"), name
+        return timedelta(seconds=self.integer(name, default, minimum=minimum, maximum=maximum))
 
     def timezone(self, name: str, default: str) -> str:
         value = self.text(name, default)

@@ -45,40 +45,38 @@ class AuditorSettings:
             fetch_messages_max=env.integer(
                 "SPENDGATE_AUDITOR_FETCH_MESSAGES_MAX", 512, minimum=1, maximum=10_000
             ),
-            fetch_wait=_ms(env, "SPENDGATE_AUDITOR_FETCH_WAIT_MS", 1_000, 10, 30_000),
-            ack_wait=timedelta(
-                seconds=env.integer(
-                    "SPENDGATE_AUDITOR_ACK_WAIT_SECONDS", 30, minimum=1, maximum=3_600
-                )
+            fetch_wait=env.milliseconds(
+                "SPENDGATE_AUDITOR_FETCH_WAIT_MS", 1_000, minimum=10, maximum=30_000
+            ),
+            ack_wait=env.seconds(
+                "SPENDGATE_AUDITOR_ACK_WAIT_SECONDS", 30, minimum=1, maximum=3_600
             ),
             ack_pending_max=env.integer(
                 "SPENDGATE_AUDITOR_ACK_PENDING_MAX", 4_096, minimum=1, maximum=100_000
             ),
-            gap_redelivery_delay=_ms(
-                env, "SPENDGATE_AUDITOR_GAP_REDELIVERY_DELAY_MS", 1_000, 10, 60_000
+            gap_redelivery_delay=env.milliseconds(
+                "SPENDGATE_AUDITOR_GAP_REDELIVERY_DELAY_MS", 1_000, minimum=10, maximum=60_000
             ),
-            gap_alarm_after=timedelta(
-                seconds=env.integer(
-                    "SPENDGATE_AUDITOR_GAP_ALARM_SECONDS", 120, minimum=1, maximum=86_400
-                )
+            gap_alarm_after=env.seconds(
+                "SPENDGATE_AUDITOR_GAP_ALARM_SECONDS", 120, minimum=1, maximum=86_400
             ),
-            retry_pause_min=_ms(env, "SPENDGATE_AUDITOR_RETRY_PAUSE_MIN_MS", 100, 1, 60_000),
-            retry_pause_max=_ms(env, "SPENDGATE_AUDITOR_RETRY_PAUSE_MAX_MS", 5_000, 1, 300_000),
+            retry_pause_min=env.milliseconds(
+                "SPENDGATE_AUDITOR_RETRY_PAUSE_MIN_MS", 100, minimum=1, maximum=60_000
+            ),
+            retry_pause_max=env.milliseconds(
+                "SPENDGATE_AUDITOR_RETRY_PAUSE_MAX_MS", 5_000, minimum=1, maximum=300_000
+            ),
             database_pool_max=env.integer(
                 "SPENDGATE_AUDITOR_DATABASE_POOL_MAX", 2, minimum=1, maximum=64
             ),
-            statement_timeout=_ms(
-                env, "SPENDGATE_AUDITOR_STATEMENT_TIMEOUT_MS", 10_000, 100, 120_000
+            statement_timeout=env.milliseconds(
+                "SPENDGATE_AUDITOR_STATEMENT_TIMEOUT_MS", 10_000, minimum=100, maximum=120_000
             ),
-            connect_deadline=timedelta(
-                seconds=env.integer(
-                    "SPENDGATE_AUDITOR_CONNECT_DEADLINE_SECONDS", 30, minimum=1, maximum=600
-                )
+            connect_deadline=env.seconds(
+                "SPENDGATE_AUDITOR_CONNECT_DEADLINE_SECONDS", 30, minimum=1, maximum=600
             ),
-            shutdown_deadline=timedelta(
-                seconds=env.integer(
-                    "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
-                )
+            shutdown_deadline=env.seconds(
+                "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
             ),
         )
         if settings.ack_pending_max < settings.fetch_messages_max:
@@ -99,7 +97,3 @@ class AuditorSettings:
                 "must be at least SPENDGATE_AUDITOR_RETRY_PAUSE_MIN_MS",
             )
         return settings
-
-
-def _ms(env: Env, name: str, default: int, minimum: int, maximum: int) -> timedelta:
-    return timedelta(milliseconds=env.integer(name, default, minimum=minimum, maximum=maximum))

@@ -58,10 +58,8 @@ class GatewaySettings:
             host=env.text("SPENDGATE_GATEWAY_HOST", "127.0.0.1"),
             port=env.integer("SPENDGATE_GATEWAY_PORT", 8080, minimum=0, maximum=65_535),
             vendors=vendors,
-            ledger_timeout=timedelta(
-                milliseconds=env.integer(
-                    "SPENDGATE_GATEWAY_LEDGER_TIMEOUT_MS", 2_000, minimum=50, maximum=60_000
-                )
+            ledger_timeout=env.milliseconds(
+                "SPENDGATE_GATEWAY_LEDGER_TIMEOUT_MS", 2_000, minimum=50, maximum=60_000
             ),
             ledger_inflight_per_partition_max=env.integer(
                 "SPENDGATE_GATEWAY_LEDGER_INFLIGHT_MAX", 4, minimum=1, maximum=64
@@ -69,30 +67,19 @@ class GatewaySettings:
             body_bytes_max=env.integer(
                 "SPENDGATE_GATEWAY_BODY_BYTES_MAX", 1_048_576, minimum=1_024, maximum=64 * 1_048_576
             ),
-            key_ttl_default=timedelta(
-                seconds=env.integer(
-                    "SPENDGATE_KEY_TTL_DEFAULT_SECONDS",
-                    30 * 86_400,
-                    minimum=60,
-                    maximum=3_650 * 86_400,
-                )
+            key_ttl_default=env.seconds(
+                "SPENDGATE_KEY_TTL_DEFAULT_SECONDS", 30 * 86_400, minimum=60, maximum=3_650 * 86_400
             ),
-            upstream_connect_timeout=timedelta(
-                milliseconds=env.integer(
-                    "SPENDGATE_UPSTREAM_CONNECT_TIMEOUT_MS", 5_000, minimum=100, maximum=60_000
-                )
+            upstream_connect_timeout=env.milliseconds(
+                "SPENDGATE_UPSTREAM_CONNECT_TIMEOUT_MS", 5_000, minimum=100, maximum=60_000
             ),
-            upstream_read_timeout=timedelta(
-                milliseconds=env.integer(
-                    "SPENDGATE_UPSTREAM_READ_TIMEOUT_MS", 60_000, minimum=100, maximum=600_000
-                )
+            upstream_read_timeout=env.milliseconds(
+                "SPENDGATE_UPSTREAM_READ_TIMEOUT_MS", 60_000, minimum=100, maximum=600_000
             ),
             upstream_connections_max=env.integer(
                 "SPENDGATE_UPSTREAM_CONNECTIONS_MAX", 100, minimum=1, maximum=10_000
             ),
-            shutdown_deadline=timedelta(
-                seconds=env.integer(
-                    "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
-                )
+            shutdown_deadline=env.seconds(
+                "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
             ),
         )

@@ -37,15 +37,9 @@ class LedgerSettings:
             common=CommonSettings.from_env(env),
             database_url=env.url("SPENDGATE_DATABASE_URL"),
             owner_id=env.text("SPENDGATE_LEDGER_OWNER_ID", default_owner),
-            lease=timedelta(
-                milliseconds=env.integer(
-                    "SPENDGATE_LEDGER_LEASE_MS", 5_000, minimum=500, maximum=60_000
-                )
-            ),
-            hold_default=timedelta(
-                seconds=env.integer(
-                    "SPENDGATE_HOLD_DEFAULT_SECONDS", 900, minimum=1, maximum=7 * 86_400
-                )
+            lease=env.milliseconds("SPENDGATE_LEDGER_LEASE_MS", 5_000, minimum=500, maximum=60_000),
+            hold_default=env.seconds(
+                "SPENDGATE_HOLD_DEFAULT_SECONDS", 900, minimum=1, maximum=7 * 86_400
             ),
             batch_commands_max=env.integer(
                 "SPENDGATE_LEDGER_BATCH_COMMANDS_MAX", 2_048, minimum=1, maximum=65_536
@@ -59,14 +53,10 @@ class LedgerSettings:
             database_pool_max=env.integer(
                 "SPENDGATE_LEDGER_DATABASE_POOL_MAX", 16, minimum=2, maximum=256
             ),
-            statement_timeout=timedelta(
-                milliseconds=env.integer(
-                    "SPENDGATE_LEDGER_STATEMENT_TIMEOUT_MS", 5_000, minimum=100, maximum=120_000
-                )
+            statement_timeout=env.milliseconds(
+                "SPENDGATE_LEDGER_STATEMENT_TIMEOUT_MS", 5_000, minimum=100, maximum=120_000
             ),
-            shutdown_deadline=timedelta(
-                seconds=env.integer(
-                    "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
-                )
+            shutdown_deadline=env.seconds(
+                "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
             ),
         )
