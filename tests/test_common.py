@@ -510,7 +510,7 @@ def test_malformed_results_are_refused(document: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"extra": 1}, {"cap_micros": 1.0}, {"window": "monthly"}, {"type": "KeyMinted"}],
+    [{"extra": 1}, {"cap_micros": 1.0}, {"window": "weekly"}, {"type": "KeyMinted"}],
 )
 def test_malformed_events_are_refused(changes: dict[str, Any]) -> None:
     document = msgspec.json.decode(events_v1.encode_event(ALL_EVENTS[0]))

@@ -24,6 +24,7 @@ from spendgate_common.events_v1 import (
     ReservationCommitted,
     ReservationDenied,
     ReservationGranted,
+    ReservationOverrun,
     ReservationReleased,
     Window,
     decode_event,
@@ -46,8 +47,8 @@ from spendgate_common.ledger_v1 import (
 )
 from spendgate_common.limits import AMOUNT_MICROS_MAX
 from spendgate_common.partitioning import partition_for_tenant
+from spendgate_common.windows import window_start_at_ms
 from spendgate_ledger import PartitionState
-from spendgate_ledger._state import window_start_at_ms
 
 PARTITION_COUNT = 8
 TENANT = "acme"  # partition 0 of 8
@@ -380,9 +381,16 @@ def test_commit_less_than_reserved_releases_the_rest(ledger: Ledger) -> None:
 
 def test_commit_more_than_reserved_counts_the_overrun(ledger: Ledger) -> None:
     rid = granted(ledger.run(reserve(180_000))).reservation_id
-    assert ledger.run(commit(rid, 300_000)) == Settled(rid, 300_000, 0)
+    assert ledger.run(commit(rid, 300_000)) == Settled(rid, 300_000, 0, overrun_micros=120_000)
+    # The overrun is its own event, right after the commit of the full actual cost.
+    committed, overrun = ledger.events()[-2:]
+    assert isinstance(committed, ReservationCommitted)
+    assert committed.actual_micros == 300_000
+    assert isinstance(overrun, ReservationOverrun)
+    assert (overrun.reserved_micros, overrun.overrun_micros) == (180_000, 120_000)
     state = query(ledger=ledger)
     assert (state.committed_micros, state.reserved_micros) == (300_000, 0)
+    assert state.overrun_micros == 120_000
     denied = ledger.run(reserve(700_001))
     assert isinstance(denied, Denied)
     assert denied.committed_micros == 300_000
@@ -879,7 +887,9 @@ class LedgerMachine(RuleBasedStateMachine):
             self.settled[rid] = key_id
         else:
             result = self.ledger.run(commit(rid, actual, key_id=key_id), self.now_ms)
-            assert result == Settled(rid, actual, max(0, amount - actual))
+            assert result == Settled(
+                rid, actual, max(0, amount - actual), overrun_micros=max(0, actual - amount)
+            )
             key.committed += actual
             key.overrun += max(0, actual - amount)
             self.settled[rid] = key_id
@@ -933,7 +943,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self._check_key(key_id)
             assert key.committed + key.reserved <= key.cap + key.overrun
             # The stored record rolls over lazily, on the first event of a new window.
-            record = self.ledger.state.keys[key_id]
+            record = self.ledger.state.keys[key_id].meter
             assert record.reserved_micros == key.reserved
             if record.window_start_at_ms == key.window_start:
                 assert record.committed_micros == key.committed

@@ -6,9 +6,9 @@ to the JetStream stream ``SPENDGATE_EVENTS``. The JSON encoding of an event by
 :func:`encode_event` is its *canonical bytes*: they are stored verbatim in
 ``events.body``, published verbatim, and hashed into the audit chain (docs/audit.md).
 
-Adding an optional field at the end of a struct is compatible; anything else is a new
-version module. Amounts are ``int`` micro-USD, times are ``int`` milliseconds since the
-Unix epoch (``*_at_ms``).
+Adding an optional field at the end of a struct, or a new event type, is compatible;
+anything else is a new version module. Amounts are ``int`` micro-USD, times are ``int``
+milliseconds since the Unix epoch (``*_at_ms``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Literal
 
 import msgspec
 
-Window = Literal["total", "daily"]
+Window = Literal["total", "daily", "monthly"]
+Scope = Literal["key", "fleet", "vendor", "tenant"]
+BudgetScope = Literal["fleet", "vendor", "tenant"]
 
 
 class Event(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True):
@@ -35,6 +37,41 @@ class KeyIssued(Event, frozen=True, tag="KeyIssued"):
     window: Window
     timezone: str
     expires_at_ms: int
+    # None: every vendor. Otherwise the only vendors this key may reserve for.
+    allowed_vendors: list[str] | None = None
+    # Extra labels matched (by prefix) against fleet budgets, besides the key's label.
+    fleet_labels: list[str] = msgspec.field(default_factory=list)
+
+
+class KeyRevoked(Event, frozen=True, tag="KeyRevoked"):
+    key_id: str
+    reason: str
+
+
+class BudgetCreated(Event, frozen=True, tag="BudgetCreated"):
+    """A cap on a scope: ``fleet`` (keys whose label, or one of their fleet labels, starts
+    with ``match``), ``vendor`` (reserves for the vendor named ``match``) or ``tenant``
+    (every reserve of the tenant; ``match`` is empty)."""
+
+    budget_id: str
+    tenant: str
+    scope: BudgetScope
+    match: str
+    cap_micros: int
+    window: Window
+    timezone: str
+
+
+class BudgetUpdated(Event, frozen=True, tag="BudgetUpdated"):
+    budget_id: str
+    previous_cap_micros: int
+    cap_micros: int
+
+
+class BudgetClosed(Event, frozen=True, tag="BudgetClosed"):
+    """The budget no longer applies to new reserves; its open holds still settle into it."""
+
+    budget_id: str
 
 
 class ReservationGranted(Event, frozen=True, tag="ReservationGranted"):
@@ -47,6 +84,8 @@ class ReservationGranted(Event, frozen=True, tag="ReservationGranted"):
     request_sha256: str
     window_start_at_ms: int
     expires_at_ms: int
+    # The budgets (besides the key's own cap) this hold counts against.
+    budget_ids: list[str] = msgspec.field(default_factory=list)
 
 
 class ReservationDenied(Event, frozen=True, tag="ReservationDenied"):
@@ -81,8 +120,40 @@ class ReservationReleased(Event, frozen=True, tag="ReservationReleased"):
     reason: str
 
 
+class ReservationOverrun(Event, frozen=True, tag="ReservationOverrun"):
+    """A commit's actual cost exceeded its hold. It follows its ``ReservationCommitted``,
+    which committed the full actual cost; this event records the excess on its own."""
+
+    reservation_id: str
+    key_id: str
+    reserved_micros: int
+    actual_micros: int
+    overrun_micros: int
+    # The budgets the hold counted against (the overrun is shown on each of them).
+    budget_ids: list[str] = msgspec.field(default_factory=list)
+
+
+class ReservationExpired(Event, frozen=True, tag="ReservationExpired"):
+    """A hold past its ``expires_at_ms`` settled conservatively: spent at the reserved
+    amount, because the call may have reached the vendor."""
+
+    reservation_id: str
+    key_id: str
+    reserved_micros: int
+
+
 AnyEvent = (
-    KeyIssued | ReservationGranted | ReservationDenied | ReservationCommitted | ReservationReleased
+    KeyIssued
+    | KeyRevoked
+    | BudgetCreated
+    | BudgetUpdated
+    | BudgetClosed
+    | ReservationGranted
+    | ReservationDenied
+    | ReservationCommitted
+    | ReservationReleased
+    | ReservationOverrun
+    | ReservationExpired
 )
 
 _encoder = msgspec.json.Encoder()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
-from spendgate_common.events_v1 import Window
+from spendgate_common.events_v1 import BudgetScope, Window
 
 
 class Command(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True):
@@ -30,6 +30,39 @@ class IssueKey(Command, frozen=True, tag="IssueKey"):
     window: Window
     timezone: str
     expires_at_ms: int
+    allowed_vendors: list[str] | None = None
+    fleet_labels: list[str] = msgspec.field(default_factory=list)
+
+
+class RevokeKey(Command, frozen=True, tag="RevokeKey"):
+    """Admin: the key is refused from now on; its open holds still settle."""
+
+    key_id: str
+    reason: str = ""
+
+
+class CreateBudget(Command, frozen=True, tag="CreateBudget"):
+    """Admin: a cap on a fleet (key label prefix), a vendor, or the whole tenant."""
+
+    budget_id: str
+    scope: BudgetScope
+    match: str
+    cap_micros: int
+    window: Window
+    timezone: str = "UTC"
+
+
+class UpdateBudget(Command, frozen=True, tag="UpdateBudget"):
+    budget_id: str
+    cap_micros: int
+
+
+class CloseBudget(Command, frozen=True, tag="CloseBudget"):
+    budget_id: str
+
+
+class QueryBudget(Command, frozen=True, tag="QueryBudget"):
+    budget_id: str
 
 
 class Reserve(Command, frozen=True, tag="Reserve"):
@@ -62,7 +95,18 @@ class QueryKey(Command, frozen=True, tag="QueryKey"):
     key_id: str
 
 
-AnyCommand = IssueKey | Reserve | Commit | Release | QueryKey
+AnyCommand = (
+    IssueKey
+    | RevokeKey
+    | CreateBudget
+    | UpdateBudget
+    | CloseBudget
+    | QueryBudget
+    | Reserve
+    | Commit
+    | Release
+    | QueryKey
+)
 
 
 class Result(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True):
@@ -103,6 +147,8 @@ class Settled(Result, frozen=True, tag="Settled"):
     reservation_id: str
     actual_micros: int
     released_micros: int
+    # The part of ``actual_micros`` above the hold (recorded as ReservationOverrun).
+    overrun_micros: int = 0
 
 
 class KeyState(Result, frozen=True, tag="KeyState"):
@@ -116,6 +162,34 @@ class KeyState(Result, frozen=True, tag="KeyState"):
     committed_micros: int
     reserved_micros: int
     expires_at_ms: int
+    overrun_micros: int = 0
+    revoked: bool = False
+    allowed_vendors: list[str] | None = None
+    fleet_labels: list[str] = msgspec.field(default_factory=list)
+    # Open budgets this key draws on (fleet budgets matching its labels, tenant budgets).
+    budget_ids: list[str] = msgspec.field(default_factory=list)
+
+
+class BudgetState(Result, frozen=True, tag="BudgetState"):
+    budget_id: str
+    tenant: str
+    scope: BudgetScope
+    match: str
+    cap_micros: int
+    window: Window
+    timezone: str
+    window_start_at_ms: int
+    committed_micros: int
+    reserved_micros: int
+    # Part of committed_micros that exceeded holds in this window (already counted).
+    overrun_micros: int
+    closed: bool
+
+
+class Done(Result, frozen=True, tag="Done"):
+    """A command with nothing else to report took effect (e.g. RevokeKey)."""
+
+    message: str
 
 
 class Failed(Result, frozen=True, tag="Failed"):
@@ -125,7 +199,7 @@ class Failed(Result, frozen=True, tag="Failed"):
     message: str
 
 
-AnyResult = KeyCreated | Granted | Denied | Settled | KeyState | Failed
+AnyResult = KeyCreated | Granted | Denied | Settled | KeyState | BudgetState | Done | Failed
 
 
 class CommandBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

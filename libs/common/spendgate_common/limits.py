@@ -25,3 +25,11 @@ PARTITION_COUNT_MAX = 4096
 
 # Longest hold a reserve may ask for: seven days, in milliseconds.
 HOLD_MS_MAX = 7 * 86_400_000
+
+# Most fleet labels one key may carry, and most vendors in one key's allow-list.
+FLEET_LABELS_PER_KEY_MAX = 16
+ALLOWED_VENDORS_PER_KEY_MAX = 32
+# Most open budgets one tenant may have (every reserve checks the ones that apply).
+BUDGETS_PER_TENANT_MAX = 1_000
+# Most holds one sweep settles as expired (the rest wait for the next sweep).
+SWEEP_EVENTS_MAX = 1_000

@@ -13,29 +13,53 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+
+import msgspec
 
 from spendgate_common.errors import FencedError, StoreUnavailableError
 from spendgate_common.events_v1 import AnyEvent, decode_event, encode_event
 from spendgate_common.ledger_v1 import AnyCommand, AnyResult, Failed, ResultBatch, encode_batch
 from spendgate_ledger._relay import EventRelay
-from spendgate_ledger._state import PartitionState
+from spendgate_ledger._snapshot import decode_snapshot, encode_snapshot
+from spendgate_ledger._snapshot_store import SnapshotStore
+from spendgate_ledger._state import PartitionState, Sweep
 from spendgate_ledger._store import EventRow, Lease, LedgerStore
 
 _log = logging.getLogger(__name__)
 
 Reply = Callable[[str, bytes], Awaitable[None]]
 
+# Larger than any sequence number: "the newest snapshot, whatever its seq".
+SEQ_MAX = 2**62
 # Pause between attempts to rebuild state while Postgres is unreachable.
 RELOAD_RETRY_PAUSE = timedelta(milliseconds=250)
 
 
 @dataclass(slots=True)
 class PendingRequest:
-    commands: list[AnyCommand]
+    commands: Sequence[AnyCommand | Sweep]
+    # Empty for internal requests (sweeps), which get no reply.
     reply_subject: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """What a partition's state needs besides its events."""
+
+    partition_count: int
+    hold_default: timedelta
+    retention: timedelta
+
+    def new_state(self, partition: int) -> PartitionState:
+        return PartitionState(
+            partition=partition,
+            partition_count=self.partition_count,
+            default_hold_ms=int(self.hold_default.total_seconds() * 1000),
+            retention_ms=int(self.retention.total_seconds() * 1000),
+        )
 
 
 def event_type(event: AnyEvent) -> str:
@@ -44,31 +68,51 @@ def event_type(event: AnyEvent) -> str:
     return tag
 
 
-async def load_state(
-    store: LedgerStore,
-    partition: int,
-    partition_count: int,
-    hold_default: timedelta,
-    *,
-    expected_last_seq: int | None,
-) -> PartitionState:
-    """Rebuild a partition's state by replaying its whole log.
+class StateLoader:
+    """Rebuilds a partition's state: newest usable snapshot, then the log after it."""
 
-    ``expected_last_seq`` is the lease row's ``last_seq`` when known: the log must end
-    exactly there (both are written in one transaction).
-    """
-    state = PartitionState(
-        partition=partition,
-        partition_count=partition_count,
-        default_hold_ms=int(hold_default.total_seconds() * 1000),
-    )
-    async for page in store.read_events(partition, 0):
-        for row in page:
-            state.apply(row.seq, decode_event(row.body))
-    assert expected_last_seq is None or state.last_seq == expected_last_seq, (
-        f"partition {partition}: log ends at {state.last_seq}, lease says {expected_last_seq}"
-    )
-    return state
+    def __init__(
+        self,
+        store: LedgerStore,
+        snapshots: SnapshotStore,
+        config: StateConfig,
+        *,
+        snapshot_every_events: int,
+    ) -> None:
+        self.store = store
+        self.snapshots = snapshots
+        self.config = config
+        self.snapshot_every_events = snapshot_every_events
+
+    async def load(self, partition: int, *, expected_last_seq: int | None) -> PartitionState:
+        """The partition's state at the end of its log.
+
+        ``expected_last_seq`` is the lease row's ``last_seq`` when known: the log must end
+        exactly there (both are written in one transaction).
+        """
+        state = self.config.new_state(partition)
+        ceiling = expected_last_seq if expected_last_seq is not None else SEQ_MAX
+        for seq, body in await self.snapshots.newest(partition, ceiling):
+            try:
+                state = decode_snapshot(body, self.config.new_state(partition))
+                break
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as error:
+                _log.warning("partition %d: snapshot at %d unusable: %s", partition, seq, error)
+        snapshot_seq = state.last_seq
+        async for page in self.store.read_events(partition, state.last_seq):
+            for row in page:
+                state.apply(row.seq, decode_event(row.body))
+        assert expected_last_seq is None or state.last_seq == expected_last_seq, (
+            f"partition {partition}: log ends at {state.last_seq}, lease says {expected_last_seq}"
+        )
+        _log.info(
+            "partition %d: recovered to seq %d (snapshot %d + %d events)",
+            partition,
+            state.last_seq,
+            snapshot_seq,
+            state.last_seq - snapshot_seq,
+        )
+        return state
 
 
 class PartitionWorker:
@@ -82,7 +126,8 @@ class PartitionWorker:
         *,
         batch_commands_max: int,
         queue_requests_max: int,
-        hold_default: timedelta,
+        loader: StateLoader,
+        sweep_interval: timedelta,
     ) -> None:
         self.lease = lease
         self.state = state
@@ -90,7 +135,10 @@ class PartitionWorker:
         self._relay = relay
         self._reply = reply
         self._batch_commands_max = batch_commands_max
-        self._hold_default = hold_default
+        self._loader = loader
+        self._sweep_interval = sweep_interval
+        self._snapshot_seq = state.last_seq
+        self._snapshot_task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=queue_requests_max)
         self.fenced = False
         self.busy = False
@@ -109,6 +157,17 @@ class PartitionWorker:
 
     def queued(self) -> int:
         return self._queue.qsize()
+
+    async def sweep_periodically(self) -> None:
+        """Queue a sweep every interval (skipped while the queue is full: a later one runs).
+
+        A sweep goes through the queue like any command, so its ReservationExpired
+        events are ordered, batched and fenced exactly like the rest.
+        """
+        while not self.fenced:
+            await asyncio.sleep(self._sweep_interval.total_seconds())
+            if self.state.holds:
+                self.submit(PendingRequest([Sweep()], ""))
 
     async def run(self) -> None:
         """Process batches until fenced (or cancelled by the service on shutdown)."""
@@ -154,8 +213,28 @@ class PartitionWorker:
                 replies = [[failure] * len(request.commands) for request in batch]
             else:
                 self._relay.committed(rows, rows[-1].seq)
+                self._maybe_snapshot()
         for request, results in zip(batch, replies, strict=True):
-            await self._reply(request.reply_subject, encode_batch(ResultBatch(results)))
+            if request.reply_subject:
+                await self._reply(request.reply_subject, encode_batch(ResultBatch(results)))
+
+    def _maybe_snapshot(self) -> None:
+        """Every ``snapshot_every_events`` events, snapshot the state (it equals the log
+        now: the batch just committed) and write it in the background, one at a time."""
+        if self.state.last_seq - self._snapshot_seq < self._loader.snapshot_every_events:
+            return
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            return
+        seq, body = self.state.last_seq, encode_snapshot(self.state)
+        self._snapshot_seq = seq
+        self._snapshot_task = asyncio.create_task(self._save_snapshot(seq, body))
+
+    async def _save_snapshot(self, seq: int, body: bytes) -> None:
+        try:
+            await self._loader.snapshots.save(self.partition, seq, body)
+        except StoreUnavailableError as error:
+            # Harmless: recovery uses an older snapshot and replays a longer tail.
+            _log.warning("partition %d: snapshot at %d not saved: %s", self.partition, seq, error)
 
     async def _append(self, first_seq: int, rows: list[EventRow]) -> Failed | None:
         try:
@@ -176,13 +255,8 @@ class PartitionWorker:
         """Rebuild state from the log after a failed append (it may or may not have landed)."""
         while not self.fenced:
             try:
-                self.state = await load_state(
-                    self._store,
-                    self.partition,
-                    self.state.partition_count,
-                    self._hold_default,
-                    expected_last_seq=None,
-                )
+                self.state = await self._loader.load(self.partition, expected_last_seq=None)
+                self._snapshot_seq = self.state.last_seq
                 self._relay.committed([], self.state.last_seq)
                 return
             except StoreUnavailableError:

@@ -39,9 +39,11 @@ from spendgate_common.ledger_v1 import (
 from spendgate_common.limits import COMMANDS_PER_REQUEST_MAX
 from spendgate_common.migrate import apply_migrations
 from spendgate_common.subjects import ledger_command_subject
-from spendgate_ledger._partition import PartitionWorker, PendingRequest, load_state
+from spendgate_ledger._partition import PartitionWorker, PendingRequest, StateConfig, StateLoader
 from spendgate_ledger._relay import EventRelay
+from spendgate_ledger._replicas import ReplicaRegistry, fair_share
 from spendgate_ledger._settings import LedgerSettings
+from spendgate_ledger._snapshot_store import SnapshotStore
 from spendgate_ledger._store import Lease, LedgerStore
 
 _log = logging.getLogger(__name__)
@@ -54,6 +56,14 @@ SUBSCRIPTION_PENDING_BYTES_MAX = 256 * 1024 * 1024
 # Events a relay keeps in memory before it falls back to reading the log.
 RELAY_BUFFER_EVENTS_MAX = 200_000
 CONNECT_DEADLINE = timedelta(seconds=30)
+# Lease timing, as fractions of SPENDGATE_LEDGER_LEASE_MS. A lease row is valid for 3/4 of
+# the lease after each renewal and rounds run every 1/4, so a dead owner's partitions are
+# free at most 3/4 lease after its death and claimed at most 1/4 later: the takeover fits
+# in one lease time. A replica that has not renewed for 1/2 lease stops answering itself,
+# before anyone else can own its partitions (and its appends would be fenced anyway).
+LEASE_ROUND_FRACTION = 0.25
+LEASE_ROW_TTL_FRACTION = 0.75
+SELF_DROP_FRACTION = 0.5
 # Exit status of a process whose partition loop hit a broken invariant (EX_SOFTWARE).
 EXIT_CODE_CRASHED = 70
 
@@ -63,7 +73,7 @@ class _Owned:
     worker: PartitionWorker
     relay: EventRelay
     subscription: Subscription
-    tasks: tuple[asyncio.Task[None], asyncio.Task[None]]
+    tasks: tuple[asyncio.Task[None], ...]
 
 
 class LedgerService:
@@ -78,6 +88,7 @@ class LedgerService:
     def __init__(self, settings: LedgerSettings, *, exit_on_crash: bool = False) -> None:
         self._settings = settings
         self._exit_on_crash = exit_on_crash
+
         self.crash: BaseException | None = None
         self._owned: dict[int, _Owned] = {}
         self._stopping = asyncio.Event()
@@ -85,6 +96,8 @@ class LedgerService:
         self._pool: asyncpg.Pool | None = None
         self._nats: NatsClient | None = None
         self._store: LedgerStore | None = None
+        self._replicas: ReplicaRegistry | None = None
+        self._loader: StateLoader | None = None
         self._lease_task: asyncio.Task[None] | None = None
 
     @property
@@ -112,6 +125,17 @@ class LedgerService:
         if applied:
             _log.info("applied migrations %s", applied)
         self._store = LedgerStore(self._pool, settings.owner_id)
+        self._replicas = ReplicaRegistry(self._pool, settings.owner_id)
+        self._loader = StateLoader(
+            self._store,
+            SnapshotStore(self._pool),
+            StateConfig(
+                partition_count=settings.common.partition_count,
+                hold_default=settings.hold_default,
+                retention=settings.idempotency_retention,
+            ),
+            snapshot_every_events=settings.snapshot_every_events,
+        )
         await self._store.seed_partitions(settings.common.partition_count)
         self._nats = await nats_adapter.connect(
             settings.common.nats_url, name="spendgate-ledger", connect_deadline=CONNECT_DEADLINE
@@ -129,28 +153,38 @@ class LedgerService:
             self._lease_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lease_task
+        if self._replicas is not None:
+            with contextlib.suppress(StoreUnavailableError):
+                await self._replicas.leave()
+        await self._release(sorted(self._owned), deadline)
+        remaining = timedelta(seconds=max(0.1, give_up_at - time.monotonic()))
+        await self._close_connections(remaining)
+        _log.info("ledger %s stopped", self._settings.owner_id)
+        if self.crash is not None:
+            raise self.crash
+
+    async def _release(self, partitions: list[int], deadline: timedelta) -> None:
+        """Hand partitions over gracefully: stop taking requests, finish what was accepted,
+        publish what committed, then give the leases up so a peer takes over at once."""
+        give_up_at = time.monotonic() + deadline.total_seconds()
+        releasing = [self._owned[partition] for partition in partitions]
         # Drain: requests already delivered to us are still handed to the loops.
-        for owned in self._owned.values():
+        for owned in releasing:
             with contextlib.suppress(Exception):
                 await owned.subscription.drain()  # type: ignore[no-untyped-call]
-        # Let every partition loop finish what it had accepted, then publish what committed.
-        while any(o.worker.queued() or o.worker.busy for o in self._owned.values()):
+        while any(o.worker.queued() or o.worker.busy for o in releasing):
             if time.monotonic() > give_up_at:
                 break
             await asyncio.sleep(0.01)
-        for owned in self._owned.values():
+        for owned in releasing:
             remaining = max(0.0, give_up_at - time.monotonic())
             await owned.relay.wait_idle(timedelta(seconds=remaining))
-        leases = [owned.worker.lease for owned in self._owned.values()]
-        for partition in list(self._owned):
+        leases = [owned.worker.lease for owned in releasing]
+        for partition in partitions:
             await self._drop(partition, unsubscribe=False)
         if self._store is not None:
             with contextlib.suppress(StoreUnavailableError):
                 await self._store.give_up(leases)
-        await self._close_connections(timedelta(seconds=max(0.1, give_up_at - time.monotonic())))
-        _log.info("ledger %s stopped", self._settings.owner_id)
-        if self.crash is not None:
-            raise self.crash
 
     async def _close_connections(self, deadline: timedelta) -> None:
         if self._nats is not None:
@@ -163,7 +197,7 @@ class LedgerService:
     # ------------------------------------------------------------------------ leases
 
     async def _lease_loop(self) -> None:
-        interval_s = self._settings.lease.total_seconds() / 3
+        interval_s = (self._settings.lease * LEASE_ROUND_FRACTION).total_seconds()
         while not self._stopping.is_set():
             await asyncio.sleep(interval_s)
             try:
@@ -172,7 +206,8 @@ class LedgerService:
                 _log.warning("lease round failed: %s", error)
             # Without a renewal for a whole lease period, another replica may own our
             # partitions by now: stop answering for them (appends would be fenced anyway).
-            if time.monotonic() - self._renewed_at > self._settings.lease.total_seconds():
+            unrenewed_s = time.monotonic() - self._renewed_at
+            if unrenewed_s > (self._settings.lease * SELF_DROP_FRACTION).total_seconds():
                 for partition in list(self._owned):
                     _log.error("partition %d: lease not renewed in time, dropping", partition)
                     await self._drop(partition)
@@ -181,7 +216,8 @@ class LedgerService:
         assert self._store is not None
         settings = self._settings
         leases = [owned.worker.lease for owned in self._owned.values()]
-        still_ours = await self._store.renew(leases, settings.lease)
+        row_ttl = settings.lease * LEASE_ROW_TTL_FRACTION
+        still_ours = await self._store.renew(leases, row_ttl)
         self._renewed_at = time.monotonic()
         for partition, owned in list(self._owned.items()):
             if partition not in still_ours or owned.worker.fenced:
@@ -189,7 +225,17 @@ class LedgerService:
                 await self._drop(partition)
         if self._stopping.is_set():
             return
-        claimed = await self._store.claim_free(settings.lease, settings.common.partition_count)
+        assert self._replicas is not None
+        share = fair_share(
+            settings.common.partition_count, await self._replicas.heartbeat(settings.lease)
+        )
+        if len(self._owned) > share:
+            # Another replica joined: hand our surplus over (it claims it next round).
+            surplus = sorted(self._owned)[share:]
+            _log.info("handing over partitions %s (fair share %d)", surplus, share)
+            await self._release(surplus, settings.lease)
+            return
+        claimed = await self._store.claim_free(row_ttl, share - len(self._owned))
         for lease in claimed:
             await self._adopt(lease)
         if claimed:
@@ -203,13 +249,8 @@ class LedgerService:
         settings = self._settings
         if lease.partition in self._owned:
             await self._drop(lease.partition)
-        state = await load_state(
-            self._store,
-            lease.partition,
-            settings.common.partition_count,
-            settings.hold_default,
-            expected_last_seq=lease.last_seq,
-        )
+        assert self._loader is not None
+        state = await self._loader.load(lease.partition, expected_last_seq=lease.last_seq)
         relay = EventRelay(
             lease.partition,
             self._nats.jetstream(),
@@ -227,11 +268,13 @@ class LedgerService:
             self._nats.publish,
             batch_commands_max=settings.batch_commands_max,
             queue_requests_max=settings.partition_queue_requests_max,
-            hold_default=settings.hold_default,
+            loader=self._loader,
+            sweep_interval=settings.sweep_interval,
         )
         tasks = (
             asyncio.create_task(worker.run(), name=f"partition-{lease.partition}"),
             asyncio.create_task(relay.run(), name=f"relay-{lease.partition}"),
+            asyncio.create_task(worker.sweep_periodically(), name=f"sweep-{lease.partition}"),
         )
         for task in tasks:
             task.add_done_callback(self._on_task_done)

@@ -20,6 +20,12 @@ class LedgerSettings:
     lease: timedelta
     # Default time a reservation is held before it may be settled as expired.
     hold_default: timedelta
+    # How long idempotency answers and settled reservation ids are remembered.
+    idempotency_retention: timedelta
+    # How often each partition settles holds past their expiry.
+    sweep_interval: timedelta
+    # A partition snapshots its state every this many events (bounds recovery time).
+    snapshot_every_events: int
     # Most commands applied and appended as one batch (one transaction).
     batch_commands_max: int
     # Most requests waiting for one partition's loop; beyond it callers get "overloaded".
@@ -40,6 +46,18 @@ class LedgerSettings:
             lease=env.milliseconds("SPENDGATE_LEDGER_LEASE_MS", 5_000, minimum=500, maximum=60_000),
             hold_default=env.seconds(
                 "SPENDGATE_HOLD_DEFAULT_SECONDS", 900, minimum=1, maximum=7 * 86_400
+            ),
+            idempotency_retention=env.seconds(
+                "SPENDGATE_IDEMPOTENCY_RETENTION_SECONDS",
+                86_400,
+                minimum=60,
+                maximum=30 * 86_400,
+            ),
+            sweep_interval=env.milliseconds(
+                "SPENDGATE_LEDGER_SWEEP_INTERVAL_MS", 1_000, minimum=10, maximum=60_000
+            ),
+            snapshot_every_events=env.integer(
+                "SPENDGATE_LEDGER_SNAPSHOT_EVERY_EVENTS", 50_000, minimum=1, maximum=10_000_000
             ),
             batch_commands_max=env.integer(
                 "SPENDGATE_LEDGER_BATCH_COMMANDS_MAX", 2_048, minimum=1, maximum=65_536

@@ -1,63 +1,143 @@
-"""The pure core of a partition: budget state, decisions and event application. No I/O.
+"""The pure core of a partition: keys, budgets, holds, decisions, event application.
 
-:meth:`PartitionState.decide` turns a command into a result and the events it causes,
-without changing anything; :meth:`PartitionState.apply` is the only way state changes,
-and it takes events only. Live processing is ``decide`` then ``apply``; recovery is
-``apply`` over the log. So the state after replay equals the state before a crash by
-construction, and the log is the single source of truth.
+:meth:`PartitionState.decide` turns a command into a result and the events it causes;
+:meth:`PartitionState.apply` is the only way state changes, and it takes events only.
+Live processing is ``decide`` then ``apply``; recovery is ``apply`` over the log (after
+a snapshot). So the recovered state equals the state before a crash by construction,
+and the log is the single source of truth. Every retention (idempotency answers,
+settled reservations) is pruned by event time inside ``apply``, so it replays exactly.
 
-Invariant (checked by assertion after every applied event): for every key and its current
-window, ``committed + reserved <= cap`` unless a commit's actual cost exceeded its hold
-(an overrun, which is recorded, never dropped).
+Scopes. A reserve is checked, atomically, against every cap that applies: the key's own
+cap, the open fleet budgets whose ``match`` prefixes the key's label or one of its fleet
+labels, the open vendor budgets for the call's vendor, and the open tenant budgets. Each
+cap has its own window (total, daily, monthly in an IANA zone), held in a :class:`Meter`.
+
+Invariant (asserted after every grant): for every meter the grant touched,
+``committed + reserved <= cap`` in the meter's current window. Commits may push
+``committed`` above the cap when the actual cost exceeds the hold (an overrun, recorded
+as its own event and counted); the next reserve then sees no room.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
+import re
+from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import msgspec
 
 from spendgate_common.events_v1 import (
     AnyEvent,
+    BudgetClosed,
+    BudgetCreated,
+    BudgetScope,
+    BudgetUpdated,
     KeyIssued,
+    KeyRevoked,
     ReservationCommitted,
     ReservationDenied,
+    ReservationExpired,
     ReservationGranted,
+    ReservationOverrun,
     ReservationReleased,
     Window,
 )
 from spendgate_common.ledger_v1 import (
     AnyCommand,
     AnyResult,
+    BudgetState,
+    CloseBudget,
     Commit,
+    CreateBudget,
     Denied,
+    Done,
     Failed,
     Granted,
     IssueKey,
     KeyCreated,
     KeyState,
+    QueryBudget,
     QueryKey,
     Release,
     Reserve,
+    RevokeKey,
     Settled,
+    UpdateBudget,
 )
 from spendgate_common.limits import (
+    ALLOWED_VENDORS_PER_KEY_MAX,
     AMOUNT_MICROS_MAX,
+    BUDGETS_PER_TENANT_MAX,
+    FLEET_LABELS_PER_KEY_MAX,
     HOLD_MS_MAX,
     IDEMPOTENCY_KEY_CHARS_MAX,
     LABEL_CHARS_MAX,
     OPERATION_CHARS_MAX,
-    VENDOR_CHARS_MAX,
+    SWEEP_EVENTS_MAX,
 )
 from spendgate_common.money import format_usd
 from spendgate_common.partitioning import partition_for_tenant
 from spendgate_common.timezones import zone
 from spendgate_common.vault_keys import KEY_ID_PATTERN, SECRET_SHA256_PATTERN
+from spendgate_common.windows import window_bounds_ms
 
-_WINDOWS: tuple[Window, ...] = ("total", "daily")
+_WINDOWS: tuple[Window, ...] = ("total", "daily", "monthly")
+_BUDGET_SCOPES: tuple[BudgetScope, ...] = ("fleet", "vendor", "tenant")
+BUDGET_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+VENDOR_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+class Sweep(msgspec.Struct, frozen=True):
+    """Internal command (never on the wire): settle holds past their expiry."""
+
+    tenant: str = ""
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(slots=True)
+class Meter:
+    """One cap's usage in its current window. ``window_end_at_ms`` is a cache."""
+
+    cap_micros: int
+    window: Window
+    timezone: str
+    window_start_at_ms: int = 0
+    window_end_at_ms: int = field(default=0, compare=False)
+    committed_micros: int = 0
+    reserved_micros: int = 0
+    overrun_micros: int = 0
+
+    def window_start_for(self, at_ms: int) -> int:
+        """The window containing ``at_ms``, never earlier than the current one."""
+        if self.window_start_at_ms <= at_ms < self.window_end_at_ms:
+            return self.window_start_at_ms
+        start, _ = window_bounds_ms(self.window, self.timezone, at_ms)
+        return max(start, self.window_start_at_ms)
+
+    def committed_in(self, window_start: int) -> int:
+        return self.committed_micros if window_start == self.window_start_at_ms else 0
+
+    def roll_to(self, at_ms: int) -> None:
+        """Move to the window containing ``at_ms`` when that is a newer one.
+
+        Open holds carry over: a call reserved before midnight that settles after it
+        counts in the new window, which errs on the side of the cap. A time before the
+        current window (a clock behind) changes nothing.
+        """
+        if self.window_start_at_ms <= at_ms < self.window_end_at_ms:
+            return
+        start, end = window_bounds_ms(self.window, self.timezone, at_ms)
+        if start < self.window_start_at_ms:
+            return
+        if start > self.window_start_at_ms:
+            self.committed_micros = 0
+            self.overrun_micros = 0
+        self.window_start_at_ms, self.window_end_at_ms = start, end
 
 
 @dataclass(slots=True)
@@ -66,13 +146,24 @@ class KeyRecord:
     tenant: str
     label: str
     secret_sha256: str
-    cap_micros: int
-    window: Window
-    timezone: str
     expires_at_ms: int
-    window_start_at_ms: int = 0
-    committed_micros: int = 0
-    reserved_micros: int = 0
+    meter: Meter
+    allowed_vendors: frozenset[str] | None = None
+    fleet_labels: tuple[str, ...] = ()
+    revoked: bool = False
+    # Cache of the open fleet budgets matching this key, valid for one budgets generation.
+    fleet_budget_ids: tuple[str, ...] = field(default=(), compare=False)
+    fleet_generation: int = field(default=-1, compare=False)
+
+
+@dataclass(slots=True)
+class BudgetRecord:
+    budget_id: str
+    tenant: str
+    scope: BudgetScope
+    match: str
+    meter: Meter
+    closed: bool = False
 
 
 @dataclass(slots=True)
@@ -81,6 +172,7 @@ class Hold:
     key_id: str
     amount_micros: int
     expires_at_ms: int
+    budget_ids: tuple[str, ...]
 
 
 @dataclass(slots=True)
@@ -97,21 +189,13 @@ class Decision:
     events: tuple[AnyEvent, ...] = ()
 
 
-def window_start_at_ms(window: Window, timezone: str, now_ms: int) -> int:
-    """Start of the window containing ``now_ms``: 0 for ``total``, local midnight for ``daily``."""
-    if window == "total":
-        return 0
-    tz = zone(timezone)
-    assert tz is not None, timezone  # validated when the key was issued
-    local = datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(tz)
-    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    return int(midnight.timestamp()) * 1000
-
-
 def request_fingerprint(command: Reserve) -> str:
     """What makes two reserves "the same request" for idempotency."""
     canonical = msgspec.json.encode([command.vendor, command.operation, command.amount_micros])
     return hashlib.sha256(canonical).hexdigest()
+
+
+# ----------------------------------------------------------------------------- state
 
 
 @dataclass(slots=True)
@@ -119,22 +203,38 @@ class PartitionState:
     partition: int
     partition_count: int
     default_hold_ms: int
+    # How long idempotency answers and settled reservation ids are remembered.
+    retention_ms: int = 86_400_000
     last_seq: int = 0
     # Ledger clock of the last applied event; decisions never use an earlier time.
     last_at_ms: int = 0
     keys: dict[str, KeyRecord] = field(default_factory=dict)
+    budgets: dict[str, BudgetRecord] = field(default_factory=dict)
     holds: dict[str, Hold] = field(default_factory=dict)
     settled: dict[str, str] = field(default_factory=dict)
     idempotency: dict[tuple[str, str], IdempotencyEntry] = field(default_factory=dict)
+    # Indexes, in apply order: derived from the fields above, but part of the state.
+    _tenant_budgets: dict[str, list[str]] = field(default_factory=dict)
+    _vendor_budgets: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _fleet_budgets: dict[str, list[str]] = field(default_factory=dict)
+    settled_order: deque[tuple[int, str]] = field(default_factory=deque)
+    idempotency_order: deque[tuple[int, tuple[str, str]]] = field(default_factory=deque)
+    # Caches: not compared (a recovered state may hold them in another shape).
+    _budgets_generation: int = field(default=0, compare=False)
+    expiries: list[tuple[int, str]] = field(default_factory=list, compare=False)
+    _tenant_of_partition: dict[str, bool] = field(default_factory=dict, compare=False)
 
     # ----------------------------------------------------------------- decisions (pure)
 
-    def decide(self, command: AnyCommand, now_ms: int) -> Decision:
-        """Decide ``command`` against the current state. Changes nothing."""
+    def decide(self, command: AnyCommand | Sweep, now_ms: int) -> Decision:
+        """Decide ``command`` against the current state. Changes nothing logical (the
+        expiry heap, a cache, may drop entries of holds that are already settled)."""
         # Never decide "before" the last event: a takeover replica's clock may be behind,
         # and windows must not move backwards (a past window would look empty).
         now_ms = max(now_ms, self.last_at_ms)
-        if partition_for_tenant(command.tenant, self.partition_count) != self.partition:
+        if isinstance(command, Sweep):
+            return self._decide_sweep(now_ms)
+        if not self._owns_tenant(command.tenant):
             return Decision(Failed("wrong_partition", "tenant does not belong to this partition"))
         match command:
             case Reserve():
@@ -143,16 +243,30 @@ class PartitionState:
                 return self._decide_settle(command, now_ms)
             case IssueKey():
                 return self._decide_issue_key(command, now_ms)
+            case RevokeKey():
+                return self._decide_revoke_key(command, now_ms)
+            case CreateBudget():
+                return self._decide_create_budget(command, now_ms)
+            case UpdateBudget() | CloseBudget():
+                return self._decide_change_budget(command, now_ms)
             case QueryKey():
-                return self._decide_query(command, now_ms)
+                return self._decide_query_key(command, now_ms)
+            case QueryBudget():
+                return self._decide_query_budget(command, now_ms)
         raise AssertionError(f"unhandled command {command!r}")  # pragma: no cover
+
+    def _owns_tenant(self, tenant: str) -> bool:
+        owned = self._tenant_of_partition.get(tenant)
+        if owned is None:
+            owned = partition_for_tenant(tenant, self.partition_count) == self.partition
+            if len(self._tenant_of_partition) < 100_000:
+                self._tenant_of_partition[tenant] = owned
+        return owned
 
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}_{self.partition}_{self.last_seq + 1}"
 
-    def _authenticate(
-        self, tenant: str, key_id: str, secret_sha256: str, now_ms: int, *, for_reserve: bool
-    ) -> KeyRecord | Failed:
+    def _authenticate(self, tenant: str, key_id: str, secret_sha256: str) -> KeyRecord | Failed:
         key = self.keys.get(key_id)
         # Unknown key, another tenant's key (tenants share partitions) and a wrong secret
         # look the same to the caller on purpose.
@@ -162,18 +276,20 @@ class PartitionState:
             or not hmac.compare_digest(key.secret_sha256, secret_sha256)
         ):
             return Failed("invalid_key", "the vault key is not valid")
-        # Expiry stops new reservations only: a call granted before the key expired must
-        # still be committed at its real cost (or released).
-        if for_reserve and now_ms >= key.expires_at_ms:
-            return Failed("key_expired", "the vault key has expired")
         return key
 
     def _decide_reserve(self, command: Reserve, now_ms: int) -> Decision:
-        key = self._authenticate(
-            command.tenant, command.key_id, command.secret_sha256, now_ms, for_reserve=True
-        )
+        key = self._authenticate(command.tenant, command.key_id, command.secret_sha256)
         if isinstance(key, Failed):
             return Decision(key)
+        # A revoked or expired key is refused before any budget is looked at.
+        if key.revoked:
+            return Decision(Failed("key_revoked", "the vault key has been revoked"))
+        if now_ms >= key.expires_at_ms:
+            return Decision(Failed("key_expired", "the vault key has expired"))
+        if key.allowed_vendors is not None and command.vendor not in key.allowed_vendors:
+            message = f"this vault key may not be used for {command.vendor!r}"
+            return Decision(Failed("vendor_not_allowed", message))
         problem = _reserve_problem(command)
         if problem is not None:
             return Decision(problem)
@@ -182,84 +298,117 @@ class PartitionState:
             seen = self.idempotency.get((command.key_id, command.idempotency_key))
             if seen is not None:
                 if seen.request_sha256 != fingerprint:
-                    return Decision(
-                        Failed(
-                            "idempotency_conflict",
-                            "this idempotency key was used with a different request",
-                        )
-                    )
+                    message = "this idempotency key was used with a different request"
+                    return Decision(Failed("idempotency_conflict", message))
                 return Decision(msgspec.structs.replace(seen.result, replayed=True))
-        window_start = _current_window_start(key, now_ms)
-        committed = key.committed_micros if window_start == key.window_start_at_ms else 0
-        if committed + key.reserved_micros + command.amount_micros > key.cap_micros:
-            return self._deny(command, key, committed, window_start, fingerprint, now_ms)
+        budgets = self._budgets_for(key, command.vendor)
+        key_window = key.meter.window_start_for(now_ms)
+        for scope, scope_id, meter in self._scopes(key, budgets):
+            window_start = meter.window_start_for(now_ms)
+            committed = meter.committed_in(window_start)
+            if committed + meter.reserved_micros + command.amount_micros > meter.cap_micros:
+                denied = ReservationDenied(
+                    at_ms=now_ms,
+                    decision_id=self._next_id("dcn"),
+                    key_id=key.key_id,
+                    amount_micros=command.amount_micros,
+                    vendor=command.vendor,
+                    operation=command.operation,
+                    idempotency_key=command.idempotency_key,
+                    request_sha256=fingerprint,
+                    code="cap_exhausted",
+                    scope=scope,
+                    scope_id=scope_id,
+                    committed_micros=committed,
+                    reserved_micros=meter.reserved_micros,
+                    cap_micros=meter.cap_micros,
+                    window_start_at_ms=window_start,
+                )
+                return Decision(self._denied_result(denied), (denied,))
         hold_ms = command.hold_ms if command.hold_ms > 0 else self.default_hold_ms
-        reservation_id = self._next_id("rsv")
         granted = ReservationGranted(
             at_ms=now_ms,
-            reservation_id=reservation_id,
+            reservation_id=self._next_id("rsv"),
             key_id=key.key_id,
             amount_micros=command.amount_micros,
             vendor=command.vendor,
             operation=command.operation,
             idempotency_key=command.idempotency_key,
             request_sha256=fingerprint,
-            window_start_at_ms=window_start,
+            window_start_at_ms=key_window,
             expires_at_ms=now_ms + hold_ms,
+            budget_ids=[budget.budget_id for budget in budgets],
         )
         result = Granted(
-            reservation_id=reservation_id,
+            reservation_id=granted.reservation_id,
             amount_micros=command.amount_micros,
             expires_at_ms=granted.expires_at_ms,
-            committed_micros=committed,
-            reserved_micros=key.reserved_micros + command.amount_micros,
-            cap_micros=key.cap_micros,
+            committed_micros=key.meter.committed_in(key_window),
+            reserved_micros=key.meter.reserved_micros + command.amount_micros,
+            cap_micros=key.meter.cap_micros,
         )
         return Decision(result, (granted,))
 
-    def _deny(
-        self,
-        command: Reserve,
-        key: KeyRecord,
-        committed: int,
-        window_start: int,
-        fingerprint: str,
-        now_ms: int,
-    ) -> Decision:
-        decision_id = self._next_id("dcn")
-        denied = ReservationDenied(
-            at_ms=now_ms,
-            decision_id=decision_id,
-            key_id=key.key_id,
-            amount_micros=command.amount_micros,
-            vendor=command.vendor,
-            operation=command.operation,
-            idempotency_key=command.idempotency_key,
-            request_sha256=fingerprint,
-            code="cap_exhausted",
-            scope="key",
-            scope_id=key.key_id,
-            committed_micros=committed,
-            reserved_micros=key.reserved_micros,
-            cap_micros=key.cap_micros,
-            window_start_at_ms=window_start,
+    def _scopes(self, key: KeyRecord, budgets: list[BudgetRecord]) -> list[tuple[str, str, Meter]]:
+        """Every cap a reserve on ``key`` must fit, the key's own first."""
+        scopes: list[tuple[str, str, Meter]] = [("key", key.key_id, key.meter)]
+        scopes.extend((budget.scope, budget.budget_id, budget.meter) for budget in budgets)
+        return scopes
+
+    def _budgets_for(self, key: KeyRecord, vendor: str) -> list[BudgetRecord]:
+        """The open budgets a reserve by ``key`` for ``vendor`` draws on: fleet, vendor, tenant."""
+        if key.fleet_generation != self._budgets_generation:
+            labels = (key.label, *key.fleet_labels)
+            key.fleet_budget_ids = tuple(
+                budget_id
+                for budget_id in self._fleet_budgets.get(key.tenant, ())
+                if any(label.startswith(self.budgets[budget_id].match) for label in labels)
+            )
+            key.fleet_generation = self._budgets_generation
+        budget_ids = [
+            *key.fleet_budget_ids,
+            *self._vendor_budgets.get((key.tenant, vendor), ()),
+            *self._tenant_budgets.get(key.tenant, ()),
+        ]
+        return [self.budgets[budget_id] for budget_id in budget_ids]
+
+    def _denied_result(self, event: ReservationDenied) -> Denied:
+        if event.scope == "key":
+            key = self.keys[event.key_id]
+            subject, window = f"key '{key.label}'", key.meter.window
+        else:
+            budget = self.budgets[event.scope_id]
+            subject, window = f"{budget.scope} budget '{budget.budget_id}'", budget.meter.window
+        remaining = max(0, event.cap_micros - event.committed_micros - event.reserved_micros)
+        message = (
+            f"Spendgate: cap exhausted for {subject}: requested "
+            f"${format_usd(event.amount_micros)}, remaining ${format_usd(remaining)} of "
+            f"${format_usd(event.cap_micros)} ({window} window)"
         )
-        result = _denied_result(denied, key.label, key.window)
-        return Decision(result, (denied,))
+        return Denied(
+            decision_id=event.decision_id,
+            code=event.code,
+            message=message,
+            scope=event.scope,
+            scope_id=event.scope_id,
+            committed_micros=event.committed_micros,
+            reserved_micros=event.reserved_micros,
+            cap_micros=event.cap_micros,
+            requested_micros=event.amount_micros,
+        )
 
     def _decide_settle(self, command: Commit | Release, now_ms: int) -> Decision:
-        key = self._authenticate(
-            command.tenant, command.key_id, command.secret_sha256, now_ms, for_reserve=False
-        )
+        # Expiry and revocation stop new reservations only: a call granted before must
+        # still be committed at its real cost (or released).
+        key = self._authenticate(command.tenant, command.key_id, command.secret_sha256)
         if isinstance(key, Failed):
             return Decision(key)
         hold = self.holds.get(command.reservation_id)
         if hold is None or hold.key_id != key.key_id:
             outcome = self.settled.get(command.reservation_id)
             if outcome is not None:
-                return Decision(
-                    Failed("already_settled", f"reservation was already settled ({outcome})")
-                )
+                message = f"reservation was already settled ({outcome}); nothing changed"
+                return Decision(Failed("already_settled", message))
             return Decision(Failed("reservation_not_found", "no such open reservation"))
         if isinstance(command, Release):
             released = ReservationReleased(
@@ -278,29 +427,54 @@ class PartitionState:
             key_id=key.key_id,
             reserved_micros=hold.amount_micros,
             actual_micros=command.actual_micros,
-            window_start_at_ms=_current_window_start(key, now_ms),
+            window_start_at_ms=key.meter.window_start_for(now_ms),
         )
-        released_micros = max(0, hold.amount_micros - command.actual_micros)
-        result = Settled(hold.reservation_id, command.actual_micros, released_micros)
-        return Decision(result, (committed,))
+        overrun = command.actual_micros - hold.amount_micros
+        result = Settled(
+            hold.reservation_id,
+            command.actual_micros,
+            max(0, -overrun),
+            overrun_micros=max(0, overrun),
+        )
+        if overrun <= 0:
+            return Decision(result, (committed,))
+        overrun_event = ReservationOverrun(
+            at_ms=now_ms,
+            reservation_id=hold.reservation_id,
+            key_id=key.key_id,
+            reserved_micros=hold.amount_micros,
+            actual_micros=command.actual_micros,
+            overrun_micros=overrun,
+            budget_ids=list(hold.budget_ids),
+        )
+        return Decision(result, (committed, overrun_event))
+
+    def _decide_sweep(self, now_ms: int) -> Decision:
+        expired: list[AnyEvent] = []
+        while self.expiries and len(expired) < SWEEP_EVENTS_MAX:
+            expires_at_ms, reservation_id = self.expiries[0]
+            if expires_at_ms > now_ms:
+                break
+            heapq.heappop(self.expiries)
+            hold = self.holds.get(reservation_id)
+            if hold is None or hold.expires_at_ms != expires_at_ms:
+                continue  # settled already: the heap is a cache and drops it lazily
+            expired.append(
+                ReservationExpired(
+                    at_ms=now_ms,
+                    reservation_id=reservation_id,
+                    key_id=hold.key_id,
+                    reserved_micros=hold.amount_micros,
+                )
+            )
+        return Decision(Done(f"{len(expired)} reservations expired"), tuple(expired))
 
     def _decide_issue_key(self, command: IssueKey, now_ms: int) -> Decision:
-        if not KEY_ID_PATTERN.fullmatch(command.key_id):
-            return Decision(Failed("invalid_key_id", "key id must be 16 of a-z and 2-7"))
-        if not SECRET_SHA256_PATTERN.fullmatch(command.secret_sha256):
-            return Decision(Failed("invalid_secret_hash", "secret_sha256 must be 64 hex digits"))
+        problem = _issue_key_problem(command, now_ms)
+        if problem is not None:
+            return Decision(problem)
         if command.key_id in self.keys:
             return Decision(Failed("key_exists", "a key with this id already exists"))
-        if not 0 < command.cap_micros <= AMOUNT_MICROS_MAX:
-            return Decision(Failed("invalid_amount", "cap out of range"))
-        if command.window not in _WINDOWS:
-            return Decision(Failed("invalid_window", f"window must be one of {_WINDOWS}"))
-        if not 0 < len(command.label) <= LABEL_CHARS_MAX:
-            return Decision(Failed("invalid_label", "label length out of range"))
-        if command.expires_at_ms <= now_ms:
-            return Decision(Failed("invalid_ttl", "the key would already be expired"))
-        if zone(command.timezone) is None:
-            return Decision(Failed("invalid_timezone", "not an IANA time zone"))
         issued = KeyIssued(
             at_ms=now_ms,
             key_id=command.key_id,
@@ -311,132 +485,268 @@ class PartitionState:
             window=command.window,
             timezone=command.timezone,
             expires_at_ms=command.expires_at_ms,
+            allowed_vendors=command.allowed_vendors,
+            fleet_labels=command.fleet_labels,
         )
         return Decision(KeyCreated(command.key_id, command.expires_at_ms), (issued,))
 
-    def _decide_query(self, command: QueryKey, now_ms: int) -> Decision:
+    def _decide_revoke_key(self, command: RevokeKey, now_ms: int) -> Decision:
         key = self.keys.get(command.key_id)
         if key is None or key.tenant != command.tenant:
             return Decision(Failed("key_not_found", "no such key"))
-        window_start = _current_window_start(key, now_ms)
-        committed = key.committed_micros if window_start == key.window_start_at_ms else 0
-        state = KeyState(
-            key_id=key.key_id,
-            tenant=key.tenant,
-            label=key.label,
-            cap_micros=key.cap_micros,
-            window=key.window,
-            timezone=key.timezone,
-            window_start_at_ms=window_start,
-            committed_micros=committed,
-            reserved_micros=key.reserved_micros,
-            expires_at_ms=key.expires_at_ms,
+        if key.revoked:
+            return Decision(Failed("already_revoked", "the key was already revoked"))
+        revoked = KeyRevoked(
+            at_ms=now_ms, key_id=key.key_id, reason=command.reason[:OPERATION_CHARS_MAX]
         )
-        return Decision(state)
+        return Decision(Done(f"key {key.key_id} revoked"), (revoked,))
+
+    def _decide_create_budget(self, command: CreateBudget, now_ms: int) -> Decision:
+        problem = _budget_problem(command)
+        if problem is not None:
+            return Decision(problem)
+        if command.budget_id in self.budgets:
+            return Decision(Failed("budget_exists", "a budget with this id already exists"))
+        open_budgets = sum(
+            len(index.get(command.tenant, ()))
+            for index in (self._tenant_budgets, self._fleet_budgets)
+        ) + sum(
+            len(ids)
+            for (tenant, _), ids in self._vendor_budgets.items()
+            if tenant == command.tenant
+        )
+        if open_budgets >= BUDGETS_PER_TENANT_MAX:
+            message = f"a tenant may have at most {BUDGETS_PER_TENANT_MAX} open budgets"
+            return Decision(Failed("too_many_budgets", message))
+        created = BudgetCreated(
+            at_ms=now_ms,
+            budget_id=command.budget_id,
+            tenant=command.tenant,
+            scope=command.scope,
+            match=command.match,
+            cap_micros=command.cap_micros,
+            window=command.window,
+            timezone=command.timezone,
+        )
+        meter = Meter(command.cap_micros, command.window, command.timezone)
+        meter.roll_to(now_ms)
+        record = BudgetRecord(
+            command.budget_id, command.tenant, command.scope, command.match, meter
+        )
+        return Decision(_budget_state(record, now_ms), (created,))
+
+    def _decide_change_budget(self, command: UpdateBudget | CloseBudget, now_ms: int) -> Decision:
+        budget = self.budgets.get(command.budget_id)
+        if budget is None or budget.tenant != command.tenant:
+            return Decision(Failed("budget_not_found", "no such budget"))
+        if budget.closed:
+            return Decision(Failed("budget_closed", "the budget is closed"))
+        event: BudgetUpdated | BudgetClosed
+        if isinstance(command, CloseBudget):
+            event = BudgetClosed(at_ms=now_ms, budget_id=budget.budget_id)
+        else:
+            if not 0 < command.cap_micros <= AMOUNT_MICROS_MAX:
+                return Decision(Failed("invalid_amount", "cap out of range"))
+            event = BudgetUpdated(
+                at_ms=now_ms,
+                budget_id=budget.budget_id,
+                previous_cap_micros=budget.meter.cap_micros,
+                cap_micros=command.cap_micros,
+            )
+        after = BudgetRecord(
+            budget.budget_id,
+            budget.tenant,
+            budget.scope,
+            budget.match,
+            _meter_after(budget.meter, event),
+            closed=isinstance(event, BudgetClosed),
+        )
+        return Decision(_budget_state(after, now_ms), (event,))
+
+    def _decide_query_key(self, command: QueryKey, now_ms: int) -> Decision:
+        key = self.keys.get(command.key_id)
+        if key is None or key.tenant != command.tenant:
+            return Decision(Failed("key_not_found", "no such key"))
+        meter = key.meter
+        window_start = meter.window_start_for(now_ms)
+        same_window = window_start == meter.window_start_at_ms
+        return Decision(
+            KeyState(
+                key_id=key.key_id,
+                tenant=key.tenant,
+                label=key.label,
+                cap_micros=meter.cap_micros,
+                window=meter.window,
+                timezone=meter.timezone,
+                window_start_at_ms=window_start,
+                committed_micros=meter.committed_micros if same_window else 0,
+                reserved_micros=meter.reserved_micros,
+                expires_at_ms=key.expires_at_ms,
+                overrun_micros=meter.overrun_micros if same_window else 0,
+                revoked=key.revoked,
+                allowed_vendors=sorted(key.allowed_vendors)
+                if key.allowed_vendors is not None
+                else None,
+                fleet_labels=list(key.fleet_labels),
+                budget_ids=[
+                    budget.budget_id
+                    for budget in self._budgets_for(key, "")
+                    if budget.scope != "vendor"
+                ],
+            )
+        )
+
+    def _decide_query_budget(self, command: QueryBudget, now_ms: int) -> Decision:
+        budget = self.budgets.get(command.budget_id)
+        if budget is None or budget.tenant != command.tenant:
+            return Decision(Failed("budget_not_found", "no such budget"))
+        return Decision(_budget_state(budget, now_ms))
 
     # ------------------------------------------------------------- application (mutates)
 
     def apply(self, seq: int, event: AnyEvent) -> None:
         """Apply one event with sequence number ``seq`` (must be ``last_seq + 1``)."""
-        assert seq == self.last_seq + 1, (
-            f"partition {self.partition}: seq {seq} after {self.last_seq}"
-        )
+        assert seq == self.last_seq + 1, f"p{self.partition}: seq {seq} after {self.last_seq}"
+        at_ms = max(self.last_at_ms, event.at_ms)
         match event:
             case ReservationGranted():
-                key = self._key_in_window(event.key_id, event.window_start_at_ms)
-                key.reserved_micros += event.amount_micros
-                assert key.committed_micros + key.reserved_micros <= key.cap_micros, (
-                    f"overspend granted on key {key.key_id} at seq {seq}"
-                )
-                self.holds[event.reservation_id] = Hold(
-                    event.reservation_id, event.key_id, event.amount_micros, event.expires_at_ms
-                )
-                self._remember(event, _granted_result(event, key))
-            case ReservationDenied():
-                key = self._key_in_window(event.key_id, event.window_start_at_ms)
-                self._remember(event, _denied_result(event, key.label, key.window))
+                self._apply_granted(event, at_ms)
             case ReservationCommitted():
-                key = self._key_in_window(event.key_id, event.window_start_at_ms)
                 hold = self.holds.pop(event.reservation_id)
-                key.reserved_micros -= hold.amount_micros
-                key.committed_micros += event.actual_micros
-                self.settled[event.reservation_id] = "committed"
-            case ReservationReleased():
+                for meter in self._hold_meters(hold):
+                    meter.roll_to(at_ms)
+                    meter.reserved_micros -= hold.amount_micros
+                    meter.committed_micros += event.actual_micros
+                self._settle(event.reservation_id, "committed", at_ms)
+            case ReservationOverrun():
+                meters = [self.keys[event.key_id].meter]
+                meters.extend(self.budgets[budget_id].meter for budget_id in event.budget_ids)
+                for meter in meters:
+                    meter.overrun_micros += event.overrun_micros
+            case ReservationReleased() | ReservationExpired():
                 hold = self.holds.pop(event.reservation_id)
-                self.keys[event.key_id].reserved_micros -= hold.amount_micros
-                self.settled[event.reservation_id] = "released"
+                expired = isinstance(event, ReservationExpired)
+                for meter in self._hold_meters(hold):
+                    meter.roll_to(at_ms)
+                    meter.reserved_micros -= hold.amount_micros
+                    if expired:
+                        # Conservative: the call may have happened, count the full hold.
+                        meter.committed_micros += hold.amount_micros
+                self._settle(event.reservation_id, "expired" if expired else "released", at_ms)
+            case ReservationDenied():
+                self._remember(event, self._denied_result(event), at_ms)
             case KeyIssued():
-                self.keys[event.key_id] = KeyRecord(
-                    key_id=event.key_id,
-                    tenant=event.tenant,
-                    label=event.label,
-                    secret_sha256=event.secret_sha256,
-                    cap_micros=event.cap_micros,
-                    window=event.window,
-                    timezone=event.timezone,
-                    expires_at_ms=event.expires_at_ms,
-                    window_start_at_ms=window_start_at_ms(
-                        event.window, event.timezone, event.at_ms
-                    ),
-                )
+                self._apply_key_issued(event, at_ms)
+            case KeyRevoked():
+                self.keys[event.key_id].revoked = True
+            case BudgetCreated():
+                self._apply_budget_created(event, at_ms)
+            case BudgetUpdated():
+                self.budgets[event.budget_id].meter.cap_micros = event.cap_micros
+            case BudgetClosed():
+                budget = self.budgets[event.budget_id]
+                budget.closed = True
+                self._index_of(budget).remove(budget.budget_id)
+                self._budgets_generation += 1
         self.last_seq = seq
-        self.last_at_ms = max(self.last_at_ms, event.at_ms)
+        self.last_at_ms = at_ms
+        self._forget_before(at_ms - self.retention_ms)
 
-    def _key_in_window(self, key_id: str, window_start: int) -> KeyRecord:
-        """The key, rolled over to ``window_start`` when that is a newer window.
+    def _apply_granted(self, event: ReservationGranted, at_ms: int) -> None:
+        key = self.keys[event.key_id]
+        hold = Hold(
+            event.reservation_id,
+            event.key_id,
+            event.amount_micros,
+            event.expires_at_ms,
+            tuple(event.budget_ids),
+        )
+        for meter in self._hold_meters(hold):
+            meter.roll_to(at_ms)
+            meter.reserved_micros += event.amount_micros
+            assert meter.committed_micros + meter.reserved_micros <= meter.cap_micros, (
+                f"overspend granted by {event.reservation_id}: {meter}"
+            )
+        self.holds[event.reservation_id] = hold
+        heapq.heappush(self.expiries, (event.expires_at_ms, event.reservation_id))
+        self._remember(
+            event,
+            Granted(
+                reservation_id=event.reservation_id,
+                amount_micros=event.amount_micros,
+                expires_at_ms=event.expires_at_ms,
+                committed_micros=key.meter.committed_micros,
+                reserved_micros=key.meter.reserved_micros,
+                cap_micros=key.meter.cap_micros,
+            ),
+            at_ms,
+        )
 
-        Open holds carry over into the new window: a call reserved before midnight that
-        settles after it counts in the new window, which errs on the side of the cap.
-        """
-        key = self.keys[key_id]
-        if window_start > key.window_start_at_ms:
-            key.window_start_at_ms = window_start
-            key.committed_micros = 0
-        return key
+    def _apply_key_issued(self, event: KeyIssued, at_ms: int) -> None:
+        meter = Meter(event.cap_micros, event.window, event.timezone)
+        meter.roll_to(at_ms)
+        self.keys[event.key_id] = KeyRecord(
+            key_id=event.key_id,
+            tenant=event.tenant,
+            label=event.label,
+            secret_sha256=event.secret_sha256,
+            expires_at_ms=event.expires_at_ms,
+            meter=meter,
+            allowed_vendors=frozenset(event.allowed_vendors)
+            if event.allowed_vendors is not None
+            else None,
+            fleet_labels=tuple(event.fleet_labels),
+        )
+
+    def _apply_budget_created(self, event: BudgetCreated, at_ms: int) -> None:
+        meter = Meter(event.cap_micros, event.window, event.timezone)
+        meter.roll_to(at_ms)
+        self.restore_budget(
+            BudgetRecord(event.budget_id, event.tenant, event.scope, event.match, meter)
+        )
+
+    def restore_budget(self, budget: BudgetRecord) -> None:
+        """Add a budget (created now, or restored from a snapshot in creation order)."""
+        self.budgets[budget.budget_id] = budget
+        if not budget.closed:
+            self._index_of(budget).append(budget.budget_id)
+        self._budgets_generation += 1
+
+    def _index_of(self, budget: BudgetRecord) -> list[str]:
+        if budget.scope == "tenant":
+            return self._tenant_budgets.setdefault(budget.tenant, [])
+        if budget.scope == "fleet":
+            return self._fleet_budgets.setdefault(budget.tenant, [])
+        return self._vendor_budgets.setdefault((budget.tenant, budget.match), [])
+
+    def _hold_meters(self, hold: Hold) -> list[Meter]:
+        meters = [self.keys[hold.key_id].meter]
+        meters.extend(self.budgets[budget_id].meter for budget_id in hold.budget_ids)
+        return meters
 
     def _remember(
-        self, event: ReservationGranted | ReservationDenied, result: Granted | Denied
+        self, event: ReservationGranted | ReservationDenied, result: Granted | Denied, at_ms: int
     ) -> None:
         if event.idempotency_key is not None:
-            entry = IdempotencyEntry(event.request_sha256, result)
-            self.idempotency[(event.key_id, event.idempotency_key)] = entry
+            entry_key = (event.key_id, event.idempotency_key)
+            self.idempotency[entry_key] = IdempotencyEntry(event.request_sha256, result)
+            self.idempotency_order.append((at_ms, entry_key))
+
+    def _settle(self, reservation_id: str, outcome: str, at_ms: int) -> None:
+        self.settled[reservation_id] = outcome
+        self.settled_order.append((at_ms, reservation_id))
+
+    def _forget_before(self, cutoff_ms: int) -> None:
+        """Drop idempotency answers and settled ids older than the retention window."""
+        while self.idempotency_order and self.idempotency_order[0][0] < cutoff_ms:
+            _, entry_key = self.idempotency_order.popleft()
+            self.idempotency.pop(entry_key, None)
+        while self.settled_order and self.settled_order[0][0] < cutoff_ms:
+            _, reservation_id = self.settled_order.popleft()
+            self.settled.pop(reservation_id, None)
 
 
-def _granted_result(event: ReservationGranted, key: KeyRecord) -> Granted:
-    """The reply to a grant, rebuilt from the event and the key right after applying it."""
-    return Granted(
-        reservation_id=event.reservation_id,
-        amount_micros=event.amount_micros,
-        expires_at_ms=event.expires_at_ms,
-        committed_micros=key.committed_micros,
-        reserved_micros=key.reserved_micros,
-        cap_micros=key.cap_micros,
-    )
-
-
-def _denied_result(event: ReservationDenied, label: str, window: Window) -> Denied:
-    remaining = max(0, event.cap_micros - event.committed_micros - event.reserved_micros)
-    message = (
-        f"Spendgate: cap exhausted for key '{label}': requested "
-        f"${format_usd(event.amount_micros)}, remaining ${format_usd(remaining)} of "
-        f"${format_usd(event.cap_micros)} ({window} window)"
-    )
-    return Denied(
-        decision_id=event.decision_id,
-        code=event.code,
-        message=message,
-        scope=event.scope,
-        scope_id=event.scope_id,
-        committed_micros=event.committed_micros,
-        reserved_micros=event.reserved_micros,
-        cap_micros=event.cap_micros,
-        requested_micros=event.amount_micros,
-    )
-
-
-def _current_window_start(key: KeyRecord, now_ms: int) -> int:
-    """The window containing ``now_ms``, never earlier than the key's latest window."""
-    return max(window_start_at_ms(key.window, key.timezone, now_ms), key.window_start_at_ms)
+# ------------------------------------------------------------------------- validation
 
 
 def _reserve_problem(command: Reserve) -> Failed | None:
@@ -444,8 +754,8 @@ def _reserve_problem(command: Reserve) -> Failed | None:
         return Failed("invalid_amount", "amount must be positive and at most the maximum")
     if not 0 <= command.hold_ms <= HOLD_MS_MAX:
         return Failed("invalid_hold", f"hold_ms must be 0 (default) to {HOLD_MS_MAX}")
-    if not 0 < len(command.vendor) <= VENDOR_CHARS_MAX:
-        return Failed("invalid_vendor", "vendor name length out of range")
+    if not VENDOR_PATTERN.fullmatch(command.vendor):
+        return Failed("invalid_vendor", "vendor must be 1 to 32 of a-z, 0-9 and '-'")
     if len(command.operation) > OPERATION_CHARS_MAX:
         return Failed("invalid_operation", "operation too long")
     if command.idempotency_key is not None and not (
@@ -453,3 +763,91 @@ def _reserve_problem(command: Reserve) -> Failed | None:
     ):
         return Failed("invalid_idempotency_key", "idempotency key length out of range")
     return None
+
+
+def _window_problem(window: str, timezone: str) -> Failed | None:
+    if window not in _WINDOWS:
+        return Failed("invalid_window", f"window must be one of {', '.join(_WINDOWS)}")
+    if zone(timezone) is None:
+        return Failed("invalid_timezone", "not an IANA time zone")
+    return None
+
+
+def _issue_key_problem(command: IssueKey, now_ms: int) -> Failed | None:
+    if not KEY_ID_PATTERN.fullmatch(command.key_id):
+        return Failed("invalid_key_id", "key id must be 16 of a-z and 2-7")
+    if not SECRET_SHA256_PATTERN.fullmatch(command.secret_sha256):
+        return Failed("invalid_secret_hash", "secret_sha256 must be 64 hex digits")
+    if not 0 < command.cap_micros <= AMOUNT_MICROS_MAX:
+        return Failed("invalid_amount", "cap out of range")
+    if not 0 < len(command.label) <= LABEL_CHARS_MAX:
+        return Failed("invalid_label", "label length out of range")
+    if command.expires_at_ms <= now_ms:
+        return Failed("invalid_ttl", "the key would already be expired")
+    if len(command.fleet_labels) > FLEET_LABELS_PER_KEY_MAX or not all(
+        0 < len(label) <= LABEL_CHARS_MAX for label in command.fleet_labels
+    ):
+        message = f"at most {FLEET_LABELS_PER_KEY_MAX} fleet labels of 1 to {LABEL_CHARS_MAX}"
+        return Failed("invalid_fleet_labels", message)
+    if command.allowed_vendors is not None and (
+        len(command.allowed_vendors) > ALLOWED_VENDORS_PER_KEY_MAX
+        or not all(VENDOR_PATTERN.fullmatch(vendor) for vendor in command.allowed_vendors)
+    ):
+        message = f"at most {ALLOWED_VENDORS_PER_KEY_MAX} vendor names of a-z, 0-9 and '-'"
+        return Failed("invalid_allowed_vendors", message)
+    return _window_problem(command.window, command.timezone)
+
+
+def _budget_problem(command: CreateBudget) -> Failed | None:
+    if not BUDGET_ID_PATTERN.fullmatch(command.budget_id):
+        message = "budget id must be 1 to 64 of a-z, 0-9, '.', '_' and '-'"
+        return Failed("invalid_budget_id", message)
+    if command.scope not in _BUDGET_SCOPES:
+        return Failed("invalid_scope", f"scope must be one of {', '.join(_BUDGET_SCOPES)}")
+    if command.scope == "fleet" and not 0 < len(command.match) <= LABEL_CHARS_MAX:
+        return Failed("invalid_match", "a fleet budget matches a non-empty label prefix")
+    if command.scope == "vendor" and not VENDOR_PATTERN.fullmatch(command.match):
+        return Failed("invalid_match", "a vendor budget matches a vendor name")
+    if command.scope == "tenant" and command.match:
+        return Failed("invalid_match", "a tenant budget has an empty match")
+    if not 0 < command.cap_micros <= AMOUNT_MICROS_MAX:
+        return Failed("invalid_amount", "cap out of range")
+    return _window_problem(command.window, command.timezone)
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def _meter_after(meter: Meter, event: BudgetUpdated | BudgetClosed) -> Meter:
+    if isinstance(event, BudgetUpdated):
+        return Meter(
+            event.cap_micros,
+            meter.window,
+            meter.timezone,
+            meter.window_start_at_ms,
+            meter.window_end_at_ms,
+            meter.committed_micros,
+            meter.reserved_micros,
+            meter.overrun_micros,
+        )
+    return meter
+
+
+def _budget_state(budget: BudgetRecord, now_ms: int) -> BudgetState:
+    meter = budget.meter
+    window_start = meter.window_start_for(now_ms)
+    same_window = window_start == meter.window_start_at_ms
+    return BudgetState(
+        budget_id=budget.budget_id,
+        tenant=budget.tenant,
+        scope=budget.scope,
+        match=budget.match,
+        cap_micros=meter.cap_micros,
+        window=meter.window,
+        timezone=meter.timezone,
+        window_start_at_ms=window_start,
+        committed_micros=meter.committed_micros if same_window else 0,
+        reserved_micros=meter.reserved_micros,
+        overrun_micros=meter.overrun_micros if same_window else 0,
+        closed=budget.closed,
+    )

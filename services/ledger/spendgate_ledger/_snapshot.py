@@ -1,0 +1,225 @@
+"""Snapshots of a partition's state, so that recovery replays only the log's tail.
+
+A snapshot is taken right after a batch committed, so it describes exactly the log up to
+its ``seq``; recovery loads the newest snapshot at or below the lease's ``last_seq`` and
+applies the events after it. Everything in a snapshot is logical state; caches (window
+ends, the expiry heap, the fleet-budget cache) are rebuilt. The encoding is msgpack of
+:class:`SnapshotV1`; a snapshot that does not decode is skipped (full replay instead).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import msgspec
+
+from spendgate_common.events_v1 import BudgetScope, Window
+from spendgate_common.ledger_v1 import Denied, Granted
+from spendgate_ledger._state import (
+    BudgetRecord,
+    Hold,
+    IdempotencyEntry,
+    KeyRecord,
+    Meter,
+    PartitionState,
+)
+
+SNAPSHOT_VERSION = 1
+
+
+class MeterV1(msgspec.Struct, frozen=True, array_like=True):
+    cap_micros: int
+    window: Window
+    timezone: str
+    window_start_at_ms: int
+    committed_micros: int
+    reserved_micros: int
+    overrun_micros: int
+
+
+class KeyV1(msgspec.Struct, frozen=True, array_like=True):
+    key_id: str
+    tenant: str
+    label: str
+    secret_sha256: str
+    expires_at_ms: int
+    meter: MeterV1
+    allowed_vendors: list[str] | None
+    fleet_labels: list[str]
+    revoked: bool
+
+
+class BudgetV1(msgspec.Struct, frozen=True, array_like=True):
+    budget_id: str
+    tenant: str
+    scope: BudgetScope
+    match: str
+    meter: MeterV1
+    closed: bool
+
+
+class HoldV1(msgspec.Struct, frozen=True, array_like=True):
+    reservation_id: str
+    key_id: str
+    amount_micros: int
+    expires_at_ms: int
+    budget_ids: list[str]
+
+
+class SettledV1(msgspec.Struct, frozen=True, array_like=True):
+    at_ms: int
+    reservation_id: str
+    outcome: str
+
+
+class RememberedV1(msgspec.Struct, frozen=True, array_like=True):
+    at_ms: int
+    key_id: str
+    idempotency_key: str
+    request_sha256: str
+    result: Granted | Denied
+
+
+class SnapshotV1(msgspec.Struct, frozen=True):
+    version: int
+    partition: int
+    last_seq: int
+    last_at_ms: int
+    keys: list[KeyV1]
+    budgets: list[BudgetV1]  # in creation order: it is the order budgets are checked in
+    holds: list[HoldV1]
+    settled: list[SettledV1]  # oldest first
+    remembered: list[RememberedV1]  # oldest first
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(SnapshotV1)
+
+
+def _meter_v1(meter: Meter) -> MeterV1:
+    return MeterV1(
+        meter.cap_micros,
+        meter.window,
+        meter.timezone,
+        meter.window_start_at_ms,
+        meter.committed_micros,
+        meter.reserved_micros,
+        meter.overrun_micros,
+    )
+
+
+def _meter(wire: MeterV1) -> Meter:
+    return Meter(
+        cap_micros=wire.cap_micros,
+        window=wire.window,
+        timezone=wire.timezone,
+        window_start_at_ms=wire.window_start_at_ms,
+        committed_micros=wire.committed_micros,
+        reserved_micros=wire.reserved_micros,
+        overrun_micros=wire.overrun_micros,
+    )
+
+
+def encode_snapshot(state: PartitionState) -> bytes:
+    """The state as snapshot bytes (call only when the state equals the committed log)."""
+    snapshot = SnapshotV1(
+        version=SNAPSHOT_VERSION,
+        partition=state.partition,
+        last_seq=state.last_seq,
+        last_at_ms=state.last_at_ms,
+        keys=[
+            KeyV1(
+                key.key_id,
+                key.tenant,
+                key.label,
+                key.secret_sha256,
+                key.expires_at_ms,
+                _meter_v1(key.meter),
+                sorted(key.allowed_vendors) if key.allowed_vendors is not None else None,
+                list(key.fleet_labels),
+                key.revoked,
+            )
+            for key in state.keys.values()
+        ],
+        budgets=[
+            BudgetV1(b.budget_id, b.tenant, b.scope, b.match, _meter_v1(b.meter), b.closed)
+            for b in state.budgets.values()
+        ],
+        holds=[
+            HoldV1(h.reservation_id, h.key_id, h.amount_micros, h.expires_at_ms, list(h.budget_ids))
+            for h in state.holds.values()
+        ],
+        settled=[
+            SettledV1(at_ms, reservation_id, state.settled[reservation_id])
+            for at_ms, reservation_id in state.settled_order
+        ],
+        remembered=[
+            RememberedV1(
+                at_ms,
+                key_id,
+                idempotency_key,
+                state.idempotency[(key_id, idempotency_key)].request_sha256,
+                state.idempotency[(key_id, idempotency_key)].result,
+            )
+            for at_ms, (key_id, idempotency_key) in state.idempotency_order
+        ],
+    )
+    return _encoder.encode(snapshot)
+
+
+def decode_snapshot(body: bytes, fresh: PartitionState) -> PartitionState:
+    """Restore a snapshot into ``fresh`` (an empty state with the right configuration).
+
+    Raises ``msgspec.DecodeError`` / ``ValidationError`` for bytes that are not a snapshot,
+    and ``ValueError`` for a snapshot of another partition or version.
+    """
+    snapshot = _decoder.decode(body)
+    if snapshot.version != SNAPSHOT_VERSION or snapshot.partition != fresh.partition:
+        raise ValueError(f"snapshot v{snapshot.version} of partition {snapshot.partition}")
+    assert fresh.last_seq == 0, "restore into an empty state"
+    state = fresh
+    state.last_seq = snapshot.last_seq
+    state.last_at_ms = snapshot.last_at_ms
+    for key in snapshot.keys:
+        state.keys[key.key_id] = KeyRecord(
+            key_id=key.key_id,
+            tenant=key.tenant,
+            label=key.label,
+            secret_sha256=key.secret_sha256,
+            expires_at_ms=key.expires_at_ms,
+            meter=_meter(key.meter),
+            allowed_vendors=frozenset(key.allowed_vendors)
+            if key.allowed_vendors is not None
+            else None,
+            fleet_labels=tuple(key.fleet_labels),
+            revoked=key.revoked,
+        )
+    for budget in snapshot.budgets:
+        record = BudgetRecord(
+            budget.budget_id,
+            budget.tenant,
+            budget.scope,
+            budget.match,
+            _meter(budget.meter),
+            closed=budget.closed,
+        )
+        state.restore_budget(record)
+    for hold in snapshot.holds:
+        state.holds[hold.reservation_id] = Hold(
+            hold.reservation_id,
+            hold.key_id,
+            hold.amount_micros,
+            hold.expires_at_ms,
+            tuple(hold.budget_ids),
+        )
+        heapq.heappush(state.expiries, (hold.expires_at_ms, hold.reservation_id))
+    for settled in snapshot.settled:
+        state.settled[settled.reservation_id] = settled.outcome
+        state.settled_order.append((settled.at_ms, settled.reservation_id))
+    for remembered in snapshot.remembered:
+        entry_key = (remembered.key_id, remembered.idempotency_key)
+        state.idempotency[entry_key] = IdempotencyEntry(
+            remembered.request_sha256, remembered.result
+        )
+        state.idempotency_order.append((remembered.at_ms, entry_key))
+    return state

@@ -1,0 +1,249 @@
+"""Snapshots: a restored state equals the live one, and recovery after kill -9 uses one.
+
+The pure half builds a state with every kind of record (keys with fleet labels and
+allow-lists, revoked keys, open and closed budgets of each scope, open holds, settled
+reservations, remembered idempotency answers, overruns) and checks that the snapshot
+round trip is exact, and that the restored state goes on deciding exactly like the live
+one. The service half kills a ledger process with SIGKILL after it wrote snapshots and
+checks that a new replica recovers from a snapshot plus the log's tail to the same state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+import asyncpg
+import msgspec
+import nats
+import pytest
+
+from spendgate_common.ledger_v1 import (
+    AnyCommand,
+    AnyResult,
+    CloseBudget,
+    CommandBatch,
+    Commit,
+    CreateBudget,
+    Failed,
+    IssueKey,
+    QueryBudget,
+    QueryKey,
+    Release,
+    Reserve,
+    RevokeKey,
+    decode_result_batch,
+    encode_batch,
+)
+from spendgate_common.partitioning import partition_for_tenant
+from spendgate_common.subjects import ledger_command_subject
+from spendgate_common.vault_keys import VaultKey, new_vault_key
+from spendgate_ledger._snapshot import decode_snapshot, encode_snapshot
+from spendgate_ledger._state import PartitionState, Sweep
+from tests.harness import ServiceFactory
+
+PARTITION_COUNT = 8
+TENANT = "acme"
+PARTITION = partition_for_tenant(TENANT, PARTITION_COUNT)
+NOW_MS = 1_741_622_400_000
+EXPIRES_MS = NOW_MS + 30 * 86_400_000
+
+
+def fresh() -> PartitionState:
+    return PartitionState(PARTITION, PARTITION_COUNT, 60_000, retention_ms=3_600_000)
+
+
+def issue(key: VaultKey, label: str, cap: int, **extra: Any) -> IssueKey:
+    return IssueKey(
+        tenant=key.tenant,
+        key_id=key.key_id,
+        label=label,
+        secret_sha256=key.secret_sha256,
+        cap_micros=cap,
+        window=extra.pop("window", "total"),
+        timezone=extra.pop("timezone", "UTC"),
+        expires_at_ms=extra.pop("expires_at_ms", EXPIRES_MS),
+        **extra,
+    )
+
+
+def reserve(key: VaultKey, amount: int, vendor: str = "openai", **extra: Any) -> Reserve:
+    return Reserve(
+        tenant=key.tenant,
+        key_id=key.key_id,
+        secret_sha256=key.secret_sha256,
+        amount_micros=amount,
+        vendor=vendor,
+        operation="POST /v1/chat/completions",
+        **extra,
+    )
+
+
+def commit(key: VaultKey, reservation_id: str, actual: int) -> Commit:
+    return Commit(key.tenant, key.key_id, key.secret_sha256, reservation_id, actual)
+
+
+def release(key: VaultKey, reservation_id: str) -> Release:
+    return Release(key.tenant, key.key_id, key.secret_sha256, reservation_id, "free")
+
+
+def run(state: PartitionState, command: AnyCommand | Sweep, now_ms: int) -> AnyResult:
+    decision = state.decide(command, now_ms)
+    for event in decision.events:
+        state.apply(state.last_seq + 1, event)
+    return decision.result
+
+
+def rich_state() -> tuple[PartitionState, list[VaultKey]]:
+    """A state with one of everything, built through decide/apply."""
+    state = fresh()
+    keys = [new_vault_key(TENANT) for _ in range(3)]
+    now = NOW_MS
+    commands: list[AnyCommand] = [
+        issue(keys[0], "fleet-a/run-1", 5_000_000, window="daily", timezone="America/New_York"),
+        issue(keys[1], "run-2", 2_000_000, fleet_labels=["fleet-a/extra"]),
+        issue(keys[2], "fleet-b/run-3", 1_000_000, allowed_vendors=["stripe"]),
+        CreateBudget(TENANT, "fleet-a", "fleet", "fleet-a", 3_000_000, "monthly", "Asia/Kolkata"),
+        CreateBudget(TENANT, "openai-daily", "vendor", "openai", 2_500_000, "daily", "UTC"),
+        CreateBudget(TENANT, "tenant-total", "tenant", "", 9_000_000, "total", "UTC"),
+        CreateBudget(TENANT, "closed-one", "fleet", "fleet-b", 100, "total", "UTC"),
+        CloseBudget(TENANT, "closed-one"),
+    ]
+    for command in commands:
+        run(state, command, now)
+    granted = []
+    for index in range(12):
+        now += 1_000
+        result = run(state, reserve(keys[index % 2], 150_000, idempotency_key=f"idem-{index}"), now)
+        granted.append(result)
+    run(state, reserve(keys[2], 100_000, vendor="stripe"), now)
+    reservation_ids = [r.reservation_id for r in granted if hasattr(r, "reservation_id")]
+    run(state, commit(keys[0], reservation_ids[0], 100_000), now + 1)
+    run(state, commit(keys[1], reservation_ids[1], 400_000), now + 2)  # an overrun
+    run(state, release(keys[0], reservation_ids[2]), now + 3)
+    run(state, RevokeKey(TENANT, keys[2].key_id, "leaked"), now + 4)
+    # A short hold that the sweep settles as expired.
+    run(state, reserve(keys[0], 10_000, hold_ms=5), now + 5)
+    run(state, Sweep(), now + 1_000)
+    return state, keys
+
+
+def test_snapshot_round_trip_is_exact() -> None:
+    state, _ = rich_state()
+    assert state.holds
+    assert state.settled
+    assert state.idempotency
+    restored = decode_snapshot(encode_snapshot(state), fresh())
+    assert restored == state
+
+
+def test_restored_state_decides_like_the_live_one() -> None:
+    live, keys = rich_state()
+    restored = decode_snapshot(encode_snapshot(live), fresh())
+    now = live.last_at_ms + 10
+    follow_up: list[AnyCommand | Sweep] = [
+        reserve(keys[0], 150_000, idempotency_key="idem-0"),  # replayed answer
+        reserve(keys[0], 2_000_000),  # denied by a budget
+        reserve(keys[1], 100_000),
+        reserve(keys[2], 1, vendor="stripe"),  # revoked
+        Sweep(),
+        QueryBudget(TENANT, "fleet-a"),
+        QueryKey(TENANT, keys[1].key_id),
+        commit(keys[0], next(iter(live.holds)), 1),
+    ]
+    for command in follow_up:
+        live_decision = live.decide(command, now)
+        restored_decision = restored.decide(command, now)
+        assert restored_decision == live_decision, command
+        for event in live_decision.events:
+            live.apply(live.last_seq + 1, event)
+            restored.apply(restored.last_seq + 1, event)
+        now += 10
+    assert restored == live
+
+
+def test_a_snapshot_of_another_partition_or_garbage_is_refused() -> None:
+    state, _ = rich_state()
+    other = PartitionState((PARTITION + 1) % PARTITION_COUNT, PARTITION_COUNT, 60_000)
+    with pytest.raises(ValueError, match="partition"):
+        decode_snapshot(encode_snapshot(state), other)
+    with pytest.raises(msgspec.DecodeError):
+        decode_snapshot(b"\x00not a snapshot", fresh())
+
+
+# ------------------------------------------------------------------ service: kill -9
+
+
+async def send(nats_url: str, commands: list[AnyCommand]) -> list[AnyResult]:
+    connection = await nats.connect(nats_url)
+    try:
+        reply = await connection.request(
+            ledger_command_subject(PARTITION),
+            encode_batch(CommandBatch(PARTITION, commands)),
+            timeout=10,
+        )
+    finally:
+        await connection.close()
+    return decode_result_batch(reply.data).results
+
+
+async def test_recovery_after_kill_uses_a_snapshot_and_equals_the_state_before(
+    database_url: str, nats_url: str, service_factory: ServiceFactory
+) -> None:
+    env = {
+        "SPENDGATE_DATABASE_URL": database_url,
+        "SPENDGATE_NATS_URL": nats_url,
+        "SPENDGATE_PARTITION_COUNT": str(PARTITION_COUNT),
+        "SPENDGATE_LEDGER_LEASE_MS": "1000",
+        "SPENDGATE_LEDGER_SNAPSHOT_EVERY_EVENTS": "40",
+    }
+    ledger = service_factory("ledger", env)
+    key = new_vault_key(TENANT)
+    budget = CreateBudget(TENANT, "fleet-x", "fleet", "fleet-x", 50_000_000, "daily", "UTC")
+    expires_at_ms = time.time_ns() // 1_000_000 + 86_400_000
+    created = await send(
+        nats_url, [issue(key, "fleet-x/run", 40_000_000, expires_at_ms=expires_at_ms), budget]
+    )
+    assert not any(isinstance(result, Failed) for result in created), created
+    for round_number in range(10):
+        batch: list[AnyCommand] = [
+            reserve(key, 10_000, idempotency_key=f"r{round_number}-{i}") for i in range(20)
+        ]
+        results = await send(nats_url, batch)
+        ids = [r.reservation_id for r in results if hasattr(r, "reservation_id")]
+        assert len(ids) == 20, results[:2]
+        await send(nats_url, [commit(key, rid, 7_000) for rid in ids[:10]])
+    before = await send(nats_url, [QueryKey(TENANT, key.key_id), QueryBudget(TENANT, "fleet-x")])
+
+    async def snapshots() -> int:
+        connection = await asyncpg.connect(database_url)
+        try:
+            return int(await connection.fetchval("SELECT count(*) FROM snapshots") or 0)
+        finally:
+            await connection.close()
+
+    for _ in range(100):
+        if await snapshots():
+            break
+        await asyncio.sleep(0.05)
+    assert await snapshots() > 0
+
+    ledger.kill()
+    assert ledger.returncode == -signal.SIGKILL
+    successor = service_factory("ledger", env)
+    marker = f"partition {PARTITION}: recovered"
+    # The successor takes the partitions over once the killed owner's 1 s leases expire.
+    for _ in range(200):
+        if marker in successor.logs():
+            break
+        await asyncio.sleep(0.05)
+    recovery_lines = [line for line in successor.logs().splitlines() if marker in line]
+    assert recovery_lines
+    assert "(snapshot 0 +" not in recovery_lines[-1], recovery_lines[-1]
+    after = await send(nats_url, [QueryKey(TENANT, key.key_id), QueryBudget(TENANT, "fleet-x")])
+    assert after == before
+    # The recovered replica remembers idempotency answers given before the kill.
+    replay = await send(nats_url, [reserve(key, 10_000, idempotency_key="r0-0")])
+    assert getattr(replay[0], "replayed", False) is True
