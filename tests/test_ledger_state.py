@@ -58,7 +58,7 @@ HOLD_DEFAULT_MS = 60_000
 # Key ids have the vault key's shape: 16 of a-z and 2-7.
 K1 = "keyoneaaaaaaaaaa"
 K2 = "keytwoaaaaaaaaaa"
-K3 = "keythreeaaaaaaa"
+K3 = "keythreeaaaaaaaa"
 SECRET_SHA256 = hashlib.sha256(b"the secret").hexdigest()
 WRONG_SHA256 = hashlib.sha256(b"another secret").hexdigest()
 

@@ -63,6 +63,7 @@ class BudgetCreated(Event, frozen=True, tag="BudgetCreated"):
 
 
 class BudgetUpdated(Event, frozen=True, tag="BudgetUpdated"):
+    tenant: str
     budget_id: str
     previous_cap_micros: int
     cap_micros: int
@@ -71,6 +72,7 @@ class BudgetUpdated(Event, frozen=True, tag="BudgetUpdated"):
 class BudgetClosed(Event, frozen=True, tag="BudgetClosed"):
     """The budget no longer applies to new reserves; its open holds still settle into it."""
 
+    tenant: str
     budget_id: str
 
 

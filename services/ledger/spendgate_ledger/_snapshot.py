@@ -9,8 +9,6 @@ ends, the expiry heap, the fleet-budget cache) are rebuilt. The encoding is msgp
 
 from __future__ import annotations
 
-import heapq
-
 import msgspec
 
 from spendgate_common.events_v1 import BudgetScope, Window
@@ -212,7 +210,7 @@ def decode_snapshot(body: bytes, fresh: PartitionState) -> PartitionState:
             hold.expires_at_ms,
             tuple(hold.budget_ids),
         )
-        heapq.heappush(state.expiries, (hold.expires_at_ms, hold.reservation_id))
+        state.track_hold(state.holds[hold.reservation_id])
     for settled in snapshot.settled:
         state.settled[settled.reservation_id] = settled.outcome
         state.settled_order.append((settled.at_ms, settled.reservation_id))

@@ -209,7 +209,8 @@ class PartitionState:
     # Ledger clock of the last applied event; decisions never use an earlier time.
     last_at_ms: int = 0
     keys: dict[str, KeyRecord] = field(default_factory=dict)
-    budgets: dict[str, BudgetRecord] = field(default_factory=dict)
+    # Budget ids are chosen by users, so they are unique per tenant, not per partition.
+    budgets: dict[tuple[str, str], BudgetRecord] = field(default_factory=dict)
     holds: dict[str, Hold] = field(default_factory=dict)
     settled: dict[str, str] = field(default_factory=dict)
     idempotency: dict[tuple[str, str], IdempotencyEntry] = field(default_factory=dict)
@@ -221,7 +222,11 @@ class PartitionState:
     idempotency_order: deque[tuple[int, tuple[str, str]]] = field(default_factory=deque)
     # Caches: not compared (a recovered state may hold them in another shape).
     _budgets_generation: int = field(default=0, compare=False)
-    expiries: list[tuple[int, str]] = field(default_factory=list, compare=False)
+    # Open holds by the second they expire in (insertion-ordered), and those seconds as a
+    # heap. Invariant: a second is in the heap exactly when it has a bucket; an emptied
+    # bucket is deleted only once it reaches the heap's top, so it is never pushed twice.
+    _expiry_buckets: dict[int, dict[str, None]] = field(default_factory=dict, compare=False)
+    _expiry_seconds: list[int] = field(default_factory=list, compare=False)
     _tenant_of_partition: dict[str, bool] = field(default_factory=dict, compare=False)
 
     # ----------------------------------------------------------------- decisions (pure)
@@ -362,7 +367,10 @@ class PartitionState:
             key.fleet_budget_ids = tuple(
                 budget_id
                 for budget_id in self._fleet_budgets.get(key.tenant, ())
-                if any(label.startswith(self.budgets[budget_id].match) for label in labels)
+                if any(
+                    label.startswith(self.budgets[(key.tenant, budget_id)].match)
+                    for label in labels
+                )
             )
             key.fleet_generation = self._budgets_generation
         budget_ids = [
@@ -370,14 +378,14 @@ class PartitionState:
             *self._vendor_budgets.get((key.tenant, vendor), ()),
             *self._tenant_budgets.get(key.tenant, ()),
         ]
-        return [self.budgets[budget_id] for budget_id in budget_ids]
+        return [self.budgets[(key.tenant, budget_id)] for budget_id in budget_ids]
 
     def _denied_result(self, event: ReservationDenied) -> Denied:
         if event.scope == "key":
             key = self.keys[event.key_id]
             subject, window = f"key '{key.label}'", key.meter.window
         else:
-            budget = self.budgets[event.scope_id]
+            budget = self.budgets[(self.keys[event.key_id].tenant, event.scope_id)]
             subject, window = f"{budget.scope} budget '{budget.budget_id}'", budget.meter.window
         remaining = max(0, event.cap_micros - event.committed_micros - event.reserved_micros)
         message = (
@@ -451,23 +459,38 @@ class PartitionState:
 
     def _decide_sweep(self, now_ms: int) -> Decision:
         expired: list[AnyEvent] = []
-        while self.expiries and len(expired) < SWEEP_EVENTS_MAX:
-            expires_at_ms, reservation_id = self.expiries[0]
-            if expires_at_ms > now_ms:
-                break
-            heapq.heappop(self.expiries)
-            hold = self.holds.get(reservation_id)
-            if hold is None or hold.expires_at_ms != expires_at_ms:
-                continue  # settled already: the heap is a cache and drops it lazily
-            expired.append(
-                ReservationExpired(
-                    at_ms=now_ms,
-                    reservation_id=reservation_id,
-                    key_id=hold.key_id,
-                    reserved_micros=hold.amount_micros,
-                )
+        for second in self._due_seconds(now_ms):
+            # In expiry order; a stable sort keeps grant order for equal expiry times.
+            due = sorted(
+                (self.holds[reservation_id] for reservation_id in self._expiry_buckets[second]),
+                key=lambda hold: hold.expires_at_ms,
             )
+            for hold in due:
+                if hold.expires_at_ms > now_ms or len(expired) == SWEEP_EVENTS_MAX:
+                    break
+                reservation_id = hold.reservation_id
+                expired.append(
+                    ReservationExpired(
+                        at_ms=now_ms,
+                        reservation_id=reservation_id,
+                        key_id=hold.key_id,
+                        reserved_micros=hold.amount_micros,
+                    )
+                )
         return Decision(Done(f"{len(expired)} reservations expired"), tuple(expired))
+
+    def _due_seconds(self, now_ms: int) -> list[int]:
+        """Expiry seconds at or before ``now_ms``, in order: a walk of the heap that visits
+        only due entries (a heap's children are never earlier than their parent)."""
+        heap = self._expiry_seconds
+        due: list[int] = []
+        stack = [0]
+        while stack:
+            index = stack.pop()
+            if index < len(heap) and heap[index] * 1000 <= now_ms:
+                due.append(heap[index])
+                stack.extend((2 * index + 1, 2 * index + 2))
+        return sorted(due)
 
     def _decide_issue_key(self, command: IssueKey, now_ms: int) -> Decision:
         problem = _issue_key_problem(command, now_ms)
@@ -505,7 +528,7 @@ class PartitionState:
         problem = _budget_problem(command)
         if problem is not None:
             return Decision(problem)
-        if command.budget_id in self.budgets:
+        if (command.tenant, command.budget_id) in self.budgets:
             return Decision(Failed("budget_exists", "a budget with this id already exists"))
         open_budgets = sum(
             len(index.get(command.tenant, ()))
@@ -536,19 +559,20 @@ class PartitionState:
         return Decision(_budget_state(record, now_ms), (created,))
 
     def _decide_change_budget(self, command: UpdateBudget | CloseBudget, now_ms: int) -> Decision:
-        budget = self.budgets.get(command.budget_id)
-        if budget is None or budget.tenant != command.tenant:
+        budget = self.budgets.get((command.tenant, command.budget_id))
+        if budget is None:
             return Decision(Failed("budget_not_found", "no such budget"))
         if budget.closed:
             return Decision(Failed("budget_closed", "the budget is closed"))
         event: BudgetUpdated | BudgetClosed
         if isinstance(command, CloseBudget):
-            event = BudgetClosed(at_ms=now_ms, budget_id=budget.budget_id)
+            event = BudgetClosed(at_ms=now_ms, tenant=budget.tenant, budget_id=budget.budget_id)
         else:
             if not 0 < command.cap_micros <= AMOUNT_MICROS_MAX:
                 return Decision(Failed("invalid_amount", "cap out of range"))
             event = BudgetUpdated(
                 at_ms=now_ms,
+                tenant=budget.tenant,
                 budget_id=budget.budget_id,
                 previous_cap_micros=budget.meter.cap_micros,
                 cap_micros=command.cap_micros,
@@ -597,8 +621,8 @@ class PartitionState:
         )
 
     def _decide_query_budget(self, command: QueryBudget, now_ms: int) -> Decision:
-        budget = self.budgets.get(command.budget_id)
-        if budget is None or budget.tenant != command.tenant:
+        budget = self.budgets.get((command.tenant, command.budget_id))
+        if budget is None:
             return Decision(Failed("budget_not_found", "no such budget"))
         return Decision(_budget_state(budget, now_ms))
 
@@ -612,19 +636,22 @@ class PartitionState:
             case ReservationGranted():
                 self._apply_granted(event, at_ms)
             case ReservationCommitted():
-                hold = self.holds.pop(event.reservation_id)
+                hold = self._pop_hold(event.reservation_id)
                 for meter in self._hold_meters(hold):
                     meter.roll_to(at_ms)
                     meter.reserved_micros -= hold.amount_micros
                     meter.committed_micros += event.actual_micros
                 self._settle(event.reservation_id, "committed", at_ms)
             case ReservationOverrun():
-                meters = [self.keys[event.key_id].meter]
-                meters.extend(self.budgets[budget_id].meter for budget_id in event.budget_ids)
+                key = self.keys[event.key_id]
+                meters = [key.meter]
+                meters.extend(
+                    self.budgets[(key.tenant, budget_id)].meter for budget_id in event.budget_ids
+                )
                 for meter in meters:
                     meter.overrun_micros += event.overrun_micros
             case ReservationReleased() | ReservationExpired():
-                hold = self.holds.pop(event.reservation_id)
+                hold = self._pop_hold(event.reservation_id)
                 expired = isinstance(event, ReservationExpired)
                 for meter in self._hold_meters(hold):
                     meter.roll_to(at_ms)
@@ -642,9 +669,9 @@ class PartitionState:
             case BudgetCreated():
                 self._apply_budget_created(event, at_ms)
             case BudgetUpdated():
-                self.budgets[event.budget_id].meter.cap_micros = event.cap_micros
+                self.budgets[(event.tenant, event.budget_id)].meter.cap_micros = event.cap_micros
             case BudgetClosed():
-                budget = self.budgets[event.budget_id]
+                budget = self.budgets[(event.tenant, event.budget_id)]
                 budget.closed = True
                 self._index_of(budget).remove(budget.budget_id)
                 self._budgets_generation += 1
@@ -668,7 +695,7 @@ class PartitionState:
                 f"overspend granted by {event.reservation_id}: {meter}"
             )
         self.holds[event.reservation_id] = hold
-        heapq.heappush(self.expiries, (event.expires_at_ms, event.reservation_id))
+        self.track_hold(hold)
         self._remember(
             event,
             Granted(
@@ -707,7 +734,7 @@ class PartitionState:
 
     def restore_budget(self, budget: BudgetRecord) -> None:
         """Add a budget (created now, or restored from a snapshot in creation order)."""
-        self.budgets[budget.budget_id] = budget
+        self.budgets[(budget.tenant, budget.budget_id)] = budget
         if not budget.closed:
             self._index_of(budget).append(budget.budget_id)
         self._budgets_generation += 1
@@ -719,9 +746,27 @@ class PartitionState:
             return self._fleet_budgets.setdefault(budget.tenant, [])
         return self._vendor_budgets.setdefault((budget.tenant, budget.match), [])
 
+    def track_hold(self, hold: Hold) -> None:
+        """Add an open hold to the expiry buckets (also used when restoring a snapshot)."""
+        second = hold.expires_at_ms // 1000
+        bucket = self._expiry_buckets.get(second)
+        if bucket is None:
+            bucket = self._expiry_buckets[second] = {}
+            heapq.heappush(self._expiry_seconds, second)
+        bucket[hold.reservation_id] = None
+
+    def _pop_hold(self, reservation_id: str) -> Hold:
+        hold = self.holds.pop(reservation_id)
+        del self._expiry_buckets[hold.expires_at_ms // 1000][reservation_id]
+        heap = self._expiry_seconds
+        while heap and not self._expiry_buckets[heap[0]]:
+            del self._expiry_buckets[heapq.heappop(heap)]
+        return hold
+
     def _hold_meters(self, hold: Hold) -> list[Meter]:
-        meters = [self.keys[hold.key_id].meter]
-        meters.extend(self.budgets[budget_id].meter for budget_id in hold.budget_ids)
+        key = self.keys[hold.key_id]
+        meters = [key.meter]
+        meters.extend(self.budgets[(key.tenant, budget_id)].meter for budget_id in hold.budget_ids)
         return meters
 
     def _remember(
