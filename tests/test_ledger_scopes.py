@@ -991,6 +991,17 @@ def test_idempotent_retry_replays_inside_retention_and_is_decided_anew_after_it(
     ledger.assert_replays()
 
 
+def test_retention_holds_even_when_no_event_pruned_the_answer() -> None:
+    ledger = retention_ledger()
+    first = granted(ledger.run(reserve(100_000, idempotency_key="call-1")))
+    # No event at all between the first call and a retry long after the window.
+    later = NOW_MS + RETENTION_MS + 1
+    retry = granted(ledger.run(reserve(100_000, idempotency_key="call-1"), later))
+    assert not retry.replayed
+    assert retry.reservation_id != first.reservation_id
+    ledger.assert_replays()
+
+
 def test_a_remembered_denial_is_forgotten_after_retention() -> None:
     ledger = retention_ledger()
     held = granted(ledger.run(reserve(1_000_000))).reservation_id

@@ -217,7 +217,7 @@ def decode_snapshot(body: bytes, fresh: PartitionState) -> PartitionState:
     for remembered in snapshot.remembered:
         entry_key = (remembered.key_id, remembered.idempotency_key)
         state.idempotency[entry_key] = IdempotencyEntry(
-            remembered.request_sha256, remembered.result
+            remembered.request_sha256, remembered.result, remembered.at_ms
         )
         state.idempotency_order.append((remembered.at_ms, entry_key))
     return state

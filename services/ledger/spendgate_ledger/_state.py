@@ -179,6 +179,7 @@ class Hold:
 class IdempotencyEntry:
     request_sha256: str
     result: Granted | Denied
+    at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +302,9 @@ class PartitionState:
         fingerprint = request_fingerprint(command)
         if command.idempotency_key is not None:
             seen = self.idempotency.get((command.key_id, command.idempotency_key))
-            if seen is not None:
+            # Past the retention window the answer is forgotten, even before an event
+            # prunes it: the key then names a new request.
+            if seen is not None and seen.at_ms >= now_ms - self.retention_ms:
                 if seen.request_sha256 != fingerprint:
                     message = "this idempotency key was used with a different request"
                     return Decision(Failed("idempotency_conflict", message))
@@ -774,7 +777,7 @@ class PartitionState:
     ) -> None:
         if event.idempotency_key is not None:
             entry_key = (event.key_id, event.idempotency_key)
-            self.idempotency[entry_key] = IdempotencyEntry(event.request_sha256, result)
+            self.idempotency[entry_key] = IdempotencyEntry(event.request_sha256, result, at_ms)
             self.idempotency_order.append((at_ms, entry_key))
 
     def _settle(self, reservation_id: str, outcome: str, at_ms: int) -> None:
