@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ["libs", "services"]
 _VARIABLE = re.compile(r"\"(SPENDGATE_[A-Z0-9_]+)\"")
 # SPENDGATE_* strings that are names of things, not settings.
-NOT_SETTINGS = {"SPENDGATE_EVENTS"}
+NOT_SETTINGS = {"SPENDGATE_EVENTS", "SPENDGATE_FINANCE"}
 
 
 def variables_in_code() -> set[str]:

@@ -141,6 +141,7 @@ class ScopeLedger(Ledger):
             live.partition_count,
             live.default_hold_ms,
             retention_ms=live.retention_ms,
+            settled_retention_ms=live.settled_retention_ms,
         )
         for seq, body in self.log:
             state.apply(seq, decode_event(body))

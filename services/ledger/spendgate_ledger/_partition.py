@@ -11,6 +11,7 @@ from the log, which is the truth.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,7 +24,7 @@ from spendgate_common.errors import FencedError, StoreUnavailableError
 from spendgate_common.events_v1 import AnyEvent, decode_event, encode_event
 from spendgate_common.ledger_v1 import AnyCommand, AnyResult, Failed, ResultBatch, encode_batch
 from spendgate_ledger._relay import EventRelay
-from spendgate_ledger._snapshot import decode_snapshot, encode_snapshot
+from spendgate_ledger._snapshot import SnapshotChildError, decode_snapshot, fork_encode_snapshot
 from spendgate_ledger._snapshot_store import SnapshotStore
 from spendgate_ledger._state import PartitionState, Sweep
 from spendgate_ledger._store import EventRow, Lease, LedgerStore
@@ -52,6 +53,7 @@ class StateConfig:
     partition_count: int
     hold_default: timedelta
     retention: timedelta
+    settled_retention: timedelta
 
     def new_state(self, partition: int) -> PartitionState:
         return PartitionState(
@@ -59,6 +61,7 @@ class StateConfig:
             partition_count=self.partition_count,
             default_hold_ms=int(self.hold_default.total_seconds() * 1000),
             retention_ms=int(self.retention.total_seconds() * 1000),
+            settled_retention_ms=int(self.settled_retention.total_seconds() * 1000),
         )
 
 
@@ -105,6 +108,7 @@ class StateLoader:
         assert expected_last_seq is None or state.last_seq == expected_last_seq, (
             f"partition {partition}: log ends at {state.last_seq}, lease says {expected_last_seq}"
         )
+        gc.freeze()  # see PartitionWorker._save_snapshot
         _log.info(
             "partition %d: recovered to seq %d (snapshot %d + %d events)",
             partition,
@@ -225,16 +229,21 @@ class PartitionWorker:
             return
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return
-        seq, body = self.state.last_seq, encode_snapshot(self.state)
-        self._snapshot_seq = seq
-        self._snapshot_task = asyncio.create_task(self._save_snapshot(seq, body))
+        seq = self._snapshot_seq = self.state.last_seq
+        encoding = fork_encode_snapshot(self.state)
+        self._snapshot_task = asyncio.create_task(self._save_snapshot(seq, encoding))
 
-    async def _save_snapshot(self, seq: int, body: bytes) -> None:
+    async def _save_snapshot(self, seq: int, encoding: Awaitable[bytes]) -> None:
         try:
+            body = await encoding
             await self._loader.snapshots.save(self.partition, seq, body)
-        except StoreUnavailableError as error:
+        except (StoreUnavailableError, SnapshotChildError) as error:
             # Harmless: recovery uses an older snapshot and replays a longer tail.
             _log.warning("partition %d: snapshot at %d not saved: %s", self.partition, seq, error)
+            return
+        # Long-lived state need not be scanned by every full collection (tens of ms with
+        # a large state): move what exists now out of the collector's generations.
+        gc.freeze()
 
     async def _append(self, first_seq: int, rows: list[EventRow]) -> Failed | None:
         try:

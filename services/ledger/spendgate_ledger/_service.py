@@ -133,6 +133,7 @@ class LedgerService:
                 partition_count=settings.common.partition_count,
                 hold_default=settings.hold_default,
                 retention=settings.idempotency_retention,
+                settled_retention=settings.settled_retention,
             ),
             snapshot_every_events=settings.snapshot_every_events,
         )
@@ -253,7 +254,7 @@ class LedgerService:
         state = await self._loader.load(lease.partition, expected_last_seq=lease.last_seq)
         relay = EventRelay(
             lease.partition,
-            self._nats.jetstream(),
+            self._nats,
             self._store,
             await self._store.published_seq(lease.partition),
             inflight_max=settings.relay_inflight_max,

@@ -20,8 +20,10 @@ class LedgerSettings:
     lease: timedelta
     # Default time a reservation is held before it may be settled as expired.
     hold_default: timedelta
-    # How long idempotency answers and settled reservation ids are remembered.
+    # How long idempotency answers are remembered.
     idempotency_retention: timedelta
+    # How long settled reservation ids are remembered (answers already_settled).
+    settled_retention: timedelta
     # How often each partition settles holds past their expiry.
     sweep_interval: timedelta
     # A partition snapshots its state every this many events (bounds recovery time).
@@ -52,6 +54,9 @@ class LedgerSettings:
                 86_400,
                 minimum=60,
                 maximum=30 * 86_400,
+            ),
+            settled_retention=env.seconds(
+                "SPENDGATE_LEDGER_SETTLED_RETENTION_SECONDS", 3_600, minimum=60, maximum=86_400
             ),
             sweep_interval=env.milliseconds(
                 "SPENDGATE_LEDGER_SWEEP_INTERVAL_MS", 1_000, minimum=10, maximum=60_000

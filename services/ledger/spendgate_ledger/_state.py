@@ -204,8 +204,12 @@ class PartitionState:
     partition: int
     partition_count: int
     default_hold_ms: int
-    # How long idempotency answers and settled reservation ids are remembered.
+    # How long idempotency answers are remembered.
     retention_ms: int = 86_400_000
+    # How long settled reservation ids are remembered (to answer already_settled): far
+    # shorter, as a duplicate settle comes right after the first and there is one per
+    # reservation, idempotency key or not.
+    settled_retention_ms: int = 3_600_000
     last_seq: int = 0
     # Ledger clock of the last applied event; decisions never use an earlier time.
     last_at_ms: int = 0
@@ -680,7 +684,7 @@ class PartitionState:
                 self._budgets_generation += 1
         self.last_seq = seq
         self.last_at_ms = at_ms
-        self._forget_before(at_ms - self.retention_ms)
+        self._forget_before(at_ms)
 
     def _apply_granted(self, event: ReservationGranted, at_ms: int) -> None:
         key = self.keys[event.key_id]
@@ -784,11 +788,13 @@ class PartitionState:
         self.settled[reservation_id] = outcome
         self.settled_order.append((at_ms, reservation_id))
 
-    def _forget_before(self, cutoff_ms: int) -> None:
-        """Drop idempotency answers and settled ids older than the retention window."""
+    def _forget_before(self, at_ms: int) -> None:
+        """Drop idempotency answers and settled ids older than their retention windows."""
+        cutoff_ms = at_ms - self.retention_ms
         while self.idempotency_order and self.idempotency_order[0][0] < cutoff_ms:
             _, entry_key = self.idempotency_order.popleft()
             self.idempotency.pop(entry_key, None)
+        cutoff_ms = at_ms - self.settled_retention_ms
         while self.settled_order and self.settled_order[0][0] < cutoff_ms:
             _, reservation_id = self.settled_order.popleft()
             self.settled.pop(reservation_id, None)
