@@ -12,7 +12,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run test lint typecheck pytest bench clean help
+.PHONY: install run test lint typecheck deploy-check pytest bench bench-ledger clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -28,7 +28,7 @@ install: $(UV) ## install the locked dependencies into .venv
 run: install ## run Spendgate locally: embedded NATS + Postgres + all three services
 	$(VENV)/bin/spendgate up
 
-test: install lint typecheck pytest ## the whole suite: ruff, mypy --strict, pytest
+test: install lint typecheck deploy-check pytest ## the whole suite: ruff, mypy --strict, deploy checks, pytest
 
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check .
@@ -37,8 +37,18 @@ lint: install ## ruff lint and format check
 typecheck: install ## mypy --strict over every package
 	$(VENV)/bin/mypy
 
+# About a second, offline: kustomize build of every overlay, Kubernetes schema validation,
+# our manifest rules, hadolint, the Tiltfile in Starlark (see deploy/check.py).
+deploy-check: install ## check the Dockerfile, deploy/k8s and the Tiltfile
+	$(VENV)/bin/python -m deploy.check
+
 pytest: install ## the tests (real NATS and Postgres started by the harness)
 	$(VENV)/bin/pytest
+
+# Not part of `make test`: it takes a few minutes and measures, it does not check code.
+# Options: make bench-ledger BENCH_ARGS="--duration 10 --levels 64,1024" (see --help).
+bench-ledger: install ## ledger benchmark: hot-budget pairs/s vs. a one-row UPDATE (bench/results/)
+	$(VENV)/bin/python -m bench.ledger $(BENCH_ARGS)
 
 clean: ## remove the virtual environments and caches (keeps .spendgate state)
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Spendgate's benchmarks (``make bench-ledger``); results go to ``bench/results/`` (ignored)."""

@@ -1,0 +1,329 @@
+"""Load-generator processes: ledger pairs (closed and open loop) and the UPDATE baseline.
+
+A worker is a separate process (the machine has few cores, and the ledger must not share
+an interpreter with its load). It receives one job at a time over a pipe, runs it in a
+fresh event loop and sends back a :class:`JobResult`. All processes read the same clock
+(``time.monotonic``, CLOCK_MONOTONIC on Linux), so the orchestrator gives every worker the
+same start time and measurement window.
+
+Cheapness matters more than anything here: the ledger client is the gateway's own
+:class:`~spendgate_gateway._ledger_client.LedgerClient` (it coalesces concurrent commands
+into one NATS request per partition), each coroutine reuses one ``Reserve`` command, and
+nothing else is allocated per pair but the ``Commit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from multiprocessing.connection import Connection
+
+import asyncpg
+import msgspec
+import nats
+from nats.aio.client import Client as NatsClient
+
+from spendgate_common.errors import LedgerUnavailableError
+from spendgate_common.ledger_v1 import Commit, Granted, Reserve
+from spendgate_gateway._ledger_client import LedgerClient
+
+# Deadline of one ledger command, retries included (the gateway's default is 2 s).
+LEDGER_TIMEOUT = timedelta(seconds=10)
+# Bound of one baseline UPDATE.
+BASELINE_STATEMENT_TIMEOUT = timedelta(seconds=10)
+# How long a finished run waits for its stragglers (open loop) before giving up on them.
+DRAIN_DEADLINE = timedelta(seconds=15)
+# Pause after a failed command before the coroutine sends the next one.
+ERROR_PAUSE = timedelta(milliseconds=10)
+
+BASELINE_TABLE = "bench_budgets"
+BASELINE_ROW_ID = 1
+BASELINE_UPDATE = (
+    f"UPDATE {BASELINE_TABLE} SET spent = spent + $1"  # noqa: S608 (a constant name)
+    " WHERE id = $2 AND spent + $1 <= cap"
+)
+
+
+class KeySpec(msgspec.Struct, frozen=True):
+    tenant: str
+    key_id: str
+    secret_sha256: str
+
+
+class Window(msgspec.Struct, frozen=True):
+    """Monotonic times (seconds): load starts at ``start_at``, is measured in [begin, end)."""
+
+    start_at: float
+    begin_at: float
+    end_at: float
+
+
+class LedgerClosedJob(msgspec.Struct, frozen=True, tag="ledger_closed"):
+    """``concurrency`` coroutines, each: reserve, wait, commit the same amount, wait, again."""
+
+    nats_url: str
+    partition_count: int
+    keys: list[KeySpec]
+    concurrency: int
+    amount_micros: int
+    inflight_max: int
+    window: Window
+
+
+class LedgerOpenJob(msgspec.Struct, frozen=True, tag="ledger_open"):
+    """Pairs started at a fixed rate, whatever the replies do (at most ``outstanding_max``)."""
+
+    nats_url: str
+    partition_count: int
+    keys: list[KeySpec]
+    rate_per_s: float
+    outstanding_max: int
+    amount_micros: int
+    inflight_max: int
+    window: Window
+
+
+class BaselineJob(msgspec.Struct, frozen=True, tag="baseline"):
+    """``concurrency`` coroutines sending the conditional UPDATE through a pool."""
+
+    database_url: str
+    concurrency: int
+    pool_size: int
+    amount_micros: int
+    window: Window
+
+
+class StopJob(msgspec.Struct, frozen=True, tag="stop"):
+    pass
+
+
+AnyJob = LedgerClosedJob | LedgerOpenJob | BaselineJob | StopJob
+
+
+class JobResult(msgspec.Struct):
+    """What one worker saw. Counts and latencies cover operations that ended in the window.
+
+    ``completed``: pairs (baseline: granted UPDATEs) finished in the window;
+    ``completed_total``: the same over the whole run, warm-up included (to check the budget
+    afterwards); ``latencies_ms``: reserve (baseline: UPDATE) latencies in the window;
+    ``denied``: reserves refused or UPDATEs that matched no row; ``errors``: commands that
+    failed (timeouts, ledger unavailable); ``dropped``: open-loop starts skipped because
+    ``outstanding_max`` pairs were still waiting.
+    """
+
+    completed: int = 0
+    completed_total: int = 0
+    latencies_ms: list[float] = msgspec.field(default_factory=list)
+    denied: int = 0
+    errors: int = 0
+    dropped: int = 0
+    first_error: str | None = None
+
+
+_job_decoder = msgspec.msgpack.Decoder(AnyJob)
+_result_decoder = msgspec.msgpack.Decoder(JobResult)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: AnyJob | JobResult) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_result(data: bytes) -> JobResult:
+    return _result_decoder.decode(data)
+
+
+def worker_main(connection: Connection) -> None:
+    """Entry point of a worker process: run jobs until a :class:`StopJob` arrives."""
+    while True:
+        job = _job_decoder.decode(connection.recv_bytes())
+        if isinstance(job, StopJob):
+            connection.close()
+            return
+        result = asyncio.run(_run(job))
+        connection.send_bytes(encode(result))
+
+
+async def _run(job: LedgerClosedJob | LedgerOpenJob | BaselineJob) -> JobResult:
+    match job:
+        case LedgerClosedJob():
+            return await _ledger_closed(job)
+        case LedgerOpenJob():
+            return await _ledger_open(job)
+        case BaselineJob():
+            return await _baseline(job)
+
+
+@dataclass(slots=True)
+class _Tally:
+    window: Window
+    completed: int = 0
+    completed_total: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    denied: int = 0
+    errors: int = 0
+    dropped: int = 0
+    first_error: str | None = None
+
+    def in_window(self, at: float) -> bool:
+        return self.window.begin_at <= at < self.window.end_at
+
+    def error(self, error: BaseException) -> None:
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = f"{type(error).__name__}: {error}"
+
+    def result(self) -> JobResult:
+        return JobResult(
+            completed=self.completed,
+            completed_total=self.completed_total,
+            latencies_ms=[latency * 1000 for latency in self.latencies_s],
+            denied=self.denied,
+            errors=self.errors,
+            dropped=self.dropped,
+            first_error=self.first_error,
+        )
+
+
+async def _sleep_until(at: float) -> None:
+    await asyncio.sleep(max(0.0, at - time.monotonic()))
+
+
+async def _connect_ledger(
+    nats_url: str, partition_count: int, inflight_max: int
+) -> tuple[NatsClient, LedgerClient]:
+    connection = await nats.connect(nats_url, name="spendgate-bench", connect_timeout=5)
+    client = LedgerClient(
+        connection,
+        partition_count=partition_count,
+        timeout=LEDGER_TIMEOUT,
+        inflight_max=inflight_max,
+    )
+    return connection, client
+
+
+def _reserve(key: KeySpec, amount_micros: int) -> Reserve:
+    return Reserve(
+        tenant=key.tenant,
+        key_id=key.key_id,
+        secret_sha256=key.secret_sha256,
+        amount_micros=amount_micros,
+        vendor="bench",
+        operation="pair",
+    )
+
+
+async def _pair(client: LedgerClient, reserve: Reserve, started_at: float, tally: _Tally) -> None:
+    """One reserve + commit; the reserve's latency counts from ``started_at``."""
+    try:
+        granted = await client.execute(reserve)
+        replied_at = time.monotonic()
+        if not isinstance(granted, Granted):
+            tally.denied += 1
+            return
+        if tally.in_window(replied_at):
+            tally.latencies_s.append(replied_at - started_at)
+        commit = Commit(
+            tenant=reserve.tenant,
+            key_id=reserve.key_id,
+            secret_sha256=reserve.secret_sha256,
+            reservation_id=granted.reservation_id,
+            actual_micros=reserve.amount_micros,
+        )
+        await client.execute(commit)
+    except LedgerUnavailableError as error:
+        tally.error(error)
+        await asyncio.sleep(ERROR_PAUSE.total_seconds())
+        return
+    tally.completed_total += 1
+    if tally.in_window(time.monotonic()):
+        tally.completed += 1
+
+
+async def _ledger_closed(job: LedgerClosedJob) -> JobResult:
+    connection, client = await _connect_ledger(job.nats_url, job.partition_count, job.inflight_max)
+    tally = _Tally(job.window)
+
+    async def pairs_in_a_row(reserve: Reserve) -> None:
+        while (started_at := time.monotonic()) < job.window.end_at:
+            await _pair(client, reserve, started_at, tally)
+
+    reserves = [_reserve(key, job.amount_micros) for key in job.keys]
+    try:
+        await _sleep_until(job.window.start_at)
+        await asyncio.gather(
+            *(pairs_in_a_row(reserves[index % len(reserves)]) for index in range(job.concurrency))
+        )
+    finally:
+        await client.close()
+        await connection.close()
+    return tally.result()
+
+
+async def _ledger_open(job: LedgerOpenJob) -> JobResult:
+    connection, client = await _connect_ledger(job.nats_url, job.partition_count, job.inflight_max)
+    tally = _Tally(job.window)
+    reserves = [_reserve(key, job.amount_micros) for key in job.keys]
+    outstanding: set[asyncio.Task[None]] = set()
+    interval_s = 1.0 / job.rate_per_s
+    try:
+        next_at = job.window.start_at
+        index = 0
+        await _sleep_until(next_at)
+        while next_at < job.window.end_at:
+            now = time.monotonic()
+            # Start every pair whose time has come (the loop may wake up late).
+            while next_at <= now and next_at < job.window.end_at:
+                if len(outstanding) >= job.outstanding_max:
+                    tally.dropped += 1
+                else:
+                    reserve = reserves[index % len(reserves)]
+                    task = asyncio.create_task(_pair(client, reserve, next_at, tally))
+                    outstanding.add(task)
+                    task.add_done_callback(outstanding.discard)
+                index += 1
+                next_at = job.window.start_at + index * interval_s
+            await _sleep_until(next_at)
+        if outstanding:
+            await asyncio.wait(outstanding, timeout=DRAIN_DEADLINE.total_seconds())
+    finally:
+        await client.close()
+        await connection.close()
+    return tally.result()
+
+
+async def _baseline(job: BaselineJob) -> JobResult:
+    pool = await asyncpg.create_pool(
+        job.database_url,
+        min_size=job.pool_size,
+        max_size=job.pool_size,
+        command_timeout=BASELINE_STATEMENT_TIMEOUT.total_seconds(),
+    )
+    assert pool is not None
+    tally = _Tally(job.window)
+
+    async def updates_in_a_row() -> None:
+        while (started_at := time.monotonic()) < job.window.end_at:
+            try:
+                status = await pool.execute(BASELINE_UPDATE, job.amount_micros, BASELINE_ROW_ID)
+            except (asyncpg.PostgresError, OSError, TimeoutError) as error:
+                tally.error(error)
+                await asyncio.sleep(ERROR_PAUSE.total_seconds())
+                continue
+            replied_at = time.monotonic()
+            if status != "UPDATE 1":
+                tally.denied += 1
+                continue
+            tally.completed_total += 1
+            if tally.in_window(replied_at):
+                tally.completed += 1
+                tally.latencies_s.append(replied_at - started_at)
+
+    try:
+        await _sleep_until(job.window.start_at)
+        await asyncio.gather(*(updates_in_a_row() for _ in range(job.concurrency)))
+    finally:
+        await pool.close()
+    return tally.result()

@@ -1,0 +1,225 @@
+"""Measurements, the acceptance check, the table and the JSON file."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from bench.ledger._load import JobResult
+
+# The ledger issue's acceptance criterion (issue 3, item 10).
+PAIRS_PER_S_MIN = 15_000
+BASELINE_RATIO_MIN = 5.0
+HALF_LOAD_P99_MS_MAX = 10.0
+
+
+class Latency(msgspec.Struct, frozen=True):
+    """Percentiles in milliseconds (nearest rank) of ``count`` samples."""
+
+    count: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, samples_ms: Sequence[float]) -> Latency:
+        ordered = sorted(samples_ms)
+        if not ordered:
+            return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan)
+
+        def rank(fraction: float) -> float:
+            index = max(0, math.ceil(fraction * len(ordered)) - 1)
+            return round(ordered[index], 3)
+
+        return cls(
+            len(ordered), rank(0.5), rank(0.9), rank(0.99), rank(0.999), round(ordered[-1], 3)
+        )
+
+
+class Measurement(msgspec.Struct, frozen=True):
+    """One bounded run. ``kind``: hot, baseline, partitions or open.
+
+    ``throughput_per_s`` counts reserve + commit pairs (baseline: granted UPDATEs) that
+    finished in the window; ``latency`` is the reserve (baseline: UPDATE) latency, from
+    the send (open loop: from the intended send time) to the reply; ``cores`` is the CPU
+    each component used during the window.
+    """
+
+    kind: str
+    concurrency: int
+    target_rate_per_s: float | None
+    duration_s: float
+    throughput_per_s: float
+    latency: Latency
+    denied: int
+    errors: int
+    dropped: int
+    first_error: str | None
+    cores: dict[str, float]
+    completed_total: int
+    # Ledger process CPU per pair (or per UPDATE: 0): robust to other load on the machine.
+    ledger_cpu_us_per_pair: float
+
+    @classmethod
+    def of(
+        cls,
+        kind: str,
+        *,
+        concurrency: int,
+        target_rate_per_s: float | None,
+        duration_s: float,
+        results: Sequence[JobResult],
+        cores: dict[str, float],
+    ) -> Measurement:
+        samples = [latency for result in results for latency in result.latencies_ms]
+        errors = [result.first_error for result in results if result.first_error is not None]
+        throughput = sum(result.completed for result in results) / duration_s
+        ledger_cpu_us = cores.get("ledger", 0.0) * 1e6 / throughput if throughput else 0.0
+        return cls(
+            kind=kind,
+            concurrency=concurrency,
+            target_rate_per_s=target_rate_per_s,
+            duration_s=duration_s,
+            throughput_per_s=round(throughput, 1),
+            latency=Latency.of(samples),
+            denied=sum(result.denied for result in results),
+            errors=sum(result.errors for result in results),
+            dropped=sum(result.dropped for result in results),
+            first_error=errors[0] if errors else None,
+            cores=cores,
+            completed_total=sum(result.completed_total for result in results),
+            ledger_cpu_us_per_pair=round(ledger_cpu_us, 1),
+        )
+
+    def summary(self) -> str:
+        rate = f"{self.throughput_per_s:,.0f}/s"
+        cores = ", ".join(f"{name} {used:.2f}" for name, used in self.cores.items())
+        problems = ""
+        if self.errors or self.denied or self.dropped:
+            problems = f", errors {self.errors} denied {self.denied} dropped {self.dropped}"
+            if self.first_error:
+                problems += f" ({self.first_error})"
+        return (
+            f"{rate}, p50 {self.latency.p50_ms:.2f} ms, p99 {self.latency.p99_ms:.2f} ms"
+            f"{problems}; cores: {cores}"
+        )
+
+
+class Acceptance(msgspec.Struct, frozen=True):
+    hot_peak_pairs_per_s: float
+    baseline_peak_per_s: float
+    ratio: float
+    half_load_rate_per_s: float
+    half_load_p99_ms: float
+    pairs_per_s_ok: bool
+    ratio_ok: bool
+    half_load_p99_ok: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.pairs_per_s_ok and self.ratio_ok and self.half_load_p99_ok
+
+
+def acceptance(measurements: Sequence[Measurement]) -> Acceptance | None:
+    hot = [m.throughput_per_s for m in measurements if m.kind == "hot"]
+    baseline = [m.throughput_per_s for m in measurements if m.kind == "baseline"]
+    half = [m for m in measurements if m.kind == "open"]
+    if not hot or not baseline or not half:
+        return None
+    ratio = max(hot) / max(baseline) if max(baseline) > 0 else math.inf
+    return Acceptance(
+        hot_peak_pairs_per_s=max(hot),
+        baseline_peak_per_s=max(baseline),
+        ratio=round(ratio, 2),
+        half_load_rate_per_s=half[0].throughput_per_s,
+        half_load_p99_ms=half[0].latency.p99_ms,
+        pairs_per_s_ok=max(hot) >= PAIRS_PER_S_MIN,
+        ratio_ok=ratio >= BASELINE_RATIO_MIN,
+        half_load_p99_ok=half[0].latency.p99_ms <= HALF_LOAD_P99_MS_MAX,
+    )
+
+
+def table(measurements: Sequence[Measurement], verdict: Acceptance | None) -> str:
+    """The human-readable report (plain text, fixed-width columns)."""
+    lines = [
+        "hot budget (1 key, 1 partition): reserve+commit pairs vs. one-row UPDATE baseline",
+        f"{'outstanding':>11} | {'pairs/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'us/pair':>7} |"
+        f" {'UPDATE/s':>9} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>6}",
+    ]
+    baseline = {m.concurrency: m for m in measurements if m.kind == "baseline"}
+    for hot in (m for m in measurements if m.kind == "hot"):
+        row = (
+            f"{hot.concurrency:>11} | {hot.throughput_per_s:>9,.0f} {hot.latency.p50_ms:>7.2f}"
+            f" {hot.latency.p99_ms:>7.2f} {hot.ledger_cpu_us_per_pair:>7.1f} |"
+        )
+        base = baseline.get(hot.concurrency)
+        if base is None:
+            row += f" {'-':>9} {'-':>7} {'-':>7} | {'-':>6}"
+        else:
+            ratio = hot.throughput_per_s / base.throughput_per_s if base.throughput_per_s else 0
+            row += (
+                f" {base.throughput_per_s:>9,.0f} {base.latency.p50_ms:>7.2f}"
+                f" {base.latency.p99_ms:>7.2f} | {ratio:>5.1f}x"
+            )
+        lines.append(row)
+    for m in measurements:
+        if m.kind == "partitions":
+            lines.append(
+                f"8 partitions busy, {m.concurrency} outstanding:"
+                f" {m.throughput_per_s:,.0f} pairs/s, p50 {m.latency.p50_ms:.2f} ms,"
+                f" p99 {m.latency.p99_ms:.2f} ms"
+            )
+        elif m.kind == "open":
+            lines.append(
+                f"open loop at {m.target_rate_per_s or 0:,.0f} pairs/s (half the peak):"
+                f" {m.throughput_per_s:,.0f} pairs/s done, reserve p50 {m.latency.p50_ms:.2f} ms,"
+                f" p99 {m.latency.p99_ms:.2f} ms, p99.9 {m.latency.p999_ms:.2f} ms,"
+                f" max {m.latency.max_ms:.2f} ms, dropped {m.dropped}"
+            )
+    lines.append(
+        "us/pair: ledger process CPU per pair; 'other' below: CPU used by anything else on"
+        " the machine during the run"
+    )
+    lines.append("cores used during each run:")
+    for m in measurements:
+        cores = "  ".join(f"{name} {used:.2f}" for name, used in m.cores.items())
+        lines.append(f"  {m.kind:>10} {m.concurrency:>5}: {cores}")
+    if verdict is not None:
+        mark = {True: "ok", False: "NOT MET"}
+        lines += [
+            "acceptance (issue 3, item 10):",
+            f"  >= {PAIRS_PER_S_MIN:,} pairs/s on one hot budget:"
+            f" {verdict.hot_peak_pairs_per_s:,.0f} {mark[verdict.pairs_per_s_ok]}",
+            f"  >= {BASELINE_RATIO_MIN:g}x the baseline ({verdict.baseline_peak_per_s:,.0f}/s):"
+            f" {verdict.ratio:.1f}x {mark[verdict.ratio_ok]}",
+            f"  p99 <= {HALF_LOAD_P99_MS_MAX:g} ms at half load"
+            f" ({verdict.half_load_rate_per_s:,.0f}/s): {verdict.half_load_p99_ms:.2f} ms"
+            f" {mark[verdict.half_load_p99_ok]}",
+        ]
+    return "\n".join(lines)
+
+
+class Report(msgspec.Struct, frozen=True):
+    started_at: str
+    settings: dict[str, object]
+    environment: dict[str, object]
+    measurements: list[Measurement]
+    acceptance: Acceptance | None
+    checks: dict[str, object]
+
+
+def write(report: Report, results_dir: Path) -> Path:
+    """Write ``ledger-<timestamp>.json`` and ``ledger-latest.json``; return the first."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    body = msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n"
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = results_dir / f"ledger-{stamp}.json"
+    path.write_bytes(body)
+    (results_dir / "ledger-latest.json").write_bytes(body)
+    return path

@@ -1,0 +1,1 @@
+"""Scripts the image ships in /app/ops (probes and setup Jobs); see docs/deploy.md."""
