@@ -16,6 +16,7 @@ import pytest
 from deploy import check
 from deploy.ops import ensure_stream, ledger_probe
 from deploy.ops.ledger_probe import ReplicaView, judge
+from spendgate_common.settings import StreamSettings
 from spendgate_common.subjects import EVENTS_STREAM, EVENTS_SUBJECT_WILDCARD
 from tests.harness import ServiceFactory
 
@@ -197,8 +198,9 @@ async def test_ledger_probes_follow_a_real_ledger(
 
 
 async def test_stream_setup_creates_the_stream_idempotently(nats_url: str) -> None:
-    first = await ensure_stream.ensure_stream(nats_url)
-    second = await ensure_stream.ensure_stream(nats_url)
+    week = StreamSettings(replicas=1, max_age=timedelta(days=7))
+    first = await ensure_stream.ensure_stream(nats_url, week)
+    second = await ensure_stream.ensure_stream(nats_url, week)
     assert first.startswith(f"stream {EVENTS_STREAM}: subjects {EVENTS_SUBJECT_WILDCARD}")
     assert second == first
     client = await nats.connect(nats_url)
@@ -207,3 +209,6 @@ async def test_stream_setup_creates_the_stream_idempotently(nats_url: str) -> No
     finally:
         await client.close()
     assert info.config.subjects == [EVENTS_SUBJECT_WILDCARD]
+    # What the settings say, not the library's defaults (each start applies them again).
+    assert info.config.max_age == timedelta(days=7).total_seconds()
+    assert (info.config.num_replicas or 1) == 1

@@ -22,7 +22,7 @@ from datetime import timedelta
 
 from spendgate_common import nats_adapter
 from spendgate_common.errors import ConfigurationError, LedgerUnavailableError
-from spendgate_common.settings import CommonSettings, Env
+from spendgate_common.settings import CommonSettings, Env, StreamSettings
 from spendgate_common.subjects import EVENTS_STREAM
 
 # How long to wait for NATS to accept a connection (it may still be starting).
@@ -30,7 +30,7 @@ CONNECT_DEADLINE = timedelta(seconds=60)
 DRAIN_TIMEOUT = timedelta(seconds=5)
 
 
-async def ensure_stream(nats_url: str) -> str:
+async def ensure_stream(nats_url: str, stream: StreamSettings) -> str:
     """Ensure the stream exists with our configuration; return a one-line description.
 
     Raises :class:`LedgerUnavailableError` when NATS is unreachable or refuses.
@@ -41,7 +41,7 @@ async def ensure_stream(nats_url: str) -> str:
     try:
         jetstream = client.jetstream()
         async with nats_adapter.translate_errors(f"ensure stream {EVENTS_STREAM}"):
-            await nats_adapter.ensure_events_stream(jetstream)
+            await nats_adapter.ensure_events_stream(jetstream, stream)
             info = await jetstream.stream_info(EVENTS_STREAM)
     finally:
         async with nats_adapter.translate_errors("drain"):
@@ -60,7 +60,7 @@ def main() -> int:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     try:
-        print(asyncio.run(ensure_stream(settings.nats_url)))
+        print(asyncio.run(ensure_stream(settings.nats_url, settings.events_stream)))
     except LedgerUnavailableError as error:
         print(f"cannot ensure stream {EVENTS_STREAM}: {error}", file=sys.stderr)
         return 1

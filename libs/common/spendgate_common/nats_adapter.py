@@ -20,6 +20,7 @@ from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError
 
 from spendgate_common.errors import LedgerUnavailableError
+from spendgate_common.settings import StreamSettings
 from spendgate_common.subjects import EVENTS_STREAM, EVENTS_SUBJECT_WILDCARD
 
 _log = logging.getLogger(__name__)
@@ -73,12 +74,20 @@ async def connect(
             delay_s = min(delay_s * 2, 2.0)
 
 
-async def ensure_events_stream(jetstream: JetStreamContext) -> None:
+# A single server, messages kept forever: only for tests and tools without settings.
+SINGLE_NODE_STREAM = StreamSettings()
+
+
+async def ensure_events_stream(
+    jetstream: JetStreamContext, stream: StreamSettings = SINGLE_NODE_STREAM
+) -> None:
     """Create (or update to our configuration) the ``SPENDGATE_EVENTS`` stream."""
     config = StreamConfig(
         name=EVENTS_STREAM,
         subjects=[EVENTS_SUBJECT_WILDCARD],
         duplicate_window=EVENTS_DUPLICATE_WINDOW.total_seconds(),
+        num_replicas=stream.replicas,
+        max_age=stream.max_age.total_seconds(),
     )
     try:
         await jetstream.add_stream(config)

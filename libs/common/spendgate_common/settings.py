@@ -88,11 +88,24 @@ class Env:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamSettings:
+    """How the ``SPENDGATE_EVENTS`` stream is configured by whoever ensures it (the ledger,
+    the auditor, the stream Job): they must all agree, or each start would undo the other."""
+
+    # JetStream replicas of the stream: 1 on one server, 3 on a three-node cluster.
+    replicas: int = 1
+    # Messages older than this are dropped (0: kept forever). The event log in Postgres is
+    # the record; the stream only has to hold what the auditor has not consumed yet.
+    max_age: timedelta = timedelta(0)
+
+
+@dataclass(frozen=True, slots=True)
 class CommonSettings:
     """Settings every service reads the same way."""
 
     nats_url: str
     partition_count: int
+    events_stream: StreamSettings
 
     @classmethod
     def from_env(cls, env: Env) -> CommonSettings:
@@ -100,5 +113,14 @@ class CommonSettings:
             nats_url=env.url("SPENDGATE_NATS_URL", "nats://127.0.0.1:4222"),
             partition_count=env.integer(
                 "SPENDGATE_PARTITION_COUNT", 64, minimum=1, maximum=PARTITION_COUNT_MAX
+            ),
+            events_stream=StreamSettings(
+                replicas=env.integer("SPENDGATE_EVENTS_STREAM_REPLICAS", 1, minimum=1, maximum=5),
+                max_age=env.seconds(
+                    "SPENDGATE_EVENTS_STREAM_MAX_AGE_SECONDS",
+                    0,
+                    minimum=0,
+                    maximum=10 * 365 * 86_400,
+                ),
             ),
         )

@@ -141,7 +141,9 @@ class LedgerService:
         self._nats = await nats_adapter.connect(
             settings.common.nats_url, name="spendgate-ledger", connect_deadline=CONNECT_DEADLINE
         )
-        await nats_adapter.ensure_events_stream(self._nats.jetstream())
+        await nats_adapter.ensure_events_stream(
+            self._nats.jetstream(), settings.common.events_stream
+        )
         await self._lease_round()
         self._lease_task = asyncio.create_task(self._lease_loop(), name="ledger-leases")
         _log.info("ledger %s started, owns %d partitions", settings.owner_id, len(self._owned))
