@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -218,14 +219,8 @@ class LedgerService:
     async def _lease_round(self) -> None:
         assert self._store is not None
         settings = self._settings
-        leases = [owned.worker.lease for owned in self._owned.values()]
         row_ttl = settings.lease * LEASE_ROW_TTL_FRACTION
-        still_ours = await self._store.renew(leases, row_ttl)
-        self._renewed_at = time.monotonic()
-        for partition, owned in list(self._owned.items()):
-            if partition not in still_ours or owned.worker.fenced:
-                _log.warning("partition %d: lease lost, dropping", partition)
-                await self._drop(partition)
+        await self._renew(row_ttl)
         if self._stopping.is_set():
             return
         assert self._replicas is not None
@@ -239,12 +234,31 @@ class LedgerService:
             await self._release(surplus, settings.lease)
             return
         claimed = await self._store.claim_free(row_ttl, share - len(self._owned))
-        for lease in claimed:
-            await self._adopt(lease)
+        pending = list(claimed)
+        round_s = (settings.lease * LEASE_ROUND_FRACTION).total_seconds()
+        while pending:
+            await self._adopt(pending.pop(0))
+            # Replaying a long log must not outlive the leases (valid 3/4 lease): renew
+            # the owned ones and those still to adopt whenever a round's time has passed.
+            if pending and time.monotonic() - self._renewed_at > round_s:
+                still_ours = await self._renew(row_ttl, pending)
+                pending = [lease for lease in pending if lease.partition in still_ours]
         if claimed:
             # The server must know the new subscriptions before we answer as their owner.
             assert self._nats is not None
             await self._nats.flush()
+
+    async def _renew(self, row_ttl: timedelta, pending: Sequence[Lease] = ()) -> set[int]:
+        """Renew our leases (and ``pending`` claimed ones); drop owned partitions we lost."""
+        assert self._store is not None
+        leases = [owned.worker.lease for owned in self._owned.values()]
+        still_ours = await self._store.renew([*leases, *pending], row_ttl)
+        self._renewed_at = time.monotonic()
+        for partition, owned in list(self._owned.items()):
+            if partition not in still_ours or owned.worker.fenced:
+                _log.warning("partition %d: lease lost, dropping", partition)
+                await self._drop(partition)
+        return still_ours
 
     async def _adopt(self, lease: Lease) -> None:
         assert self._store is not None
