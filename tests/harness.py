@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -47,6 +47,7 @@ __all__ = [
     "Stack",
     "build_stack",
     "free_port",
+    "spawn_program",
     "start_fake_vendor",
     "start_service",
     "started_processes",
@@ -167,6 +168,18 @@ def start_service(
     process = spawn_service(kind, env, log_dir=log_dir)
     wait_service_ready(process, kind, env, ready_timeout_s=ready_timeout_s)
     return process
+
+
+def spawn_program(
+    name: str, argv: Sequence[str], env: Mapping[str, str], *, log_dir: Path | None = None
+) -> ServiceProcess:
+    """Start a helper program (a load client, ...) without waiting for anything.
+
+    It is recorded like a service: stopped at the test's teardown, its log tail shown when
+    the test fails. It gets ``os.environ`` without ``SPENDGATE_*`` plus ``env``.
+    """
+    log_path = _next_log_path(name, log_dir)
+    return _record(ServiceProcess.spawn(name, list(argv), _child_env(env), log_path))
 
 
 # --------------------------------------------------------------------------- fake vendor

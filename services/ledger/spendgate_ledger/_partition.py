@@ -132,6 +132,7 @@ class PartitionWorker:
         queue_requests_max: int,
         loader: StateLoader,
         sweep_interval: timedelta,
+        lease_fresh: Callable[[], bool],
     ) -> None:
         self.lease = lease
         self.state = state
@@ -141,6 +142,7 @@ class PartitionWorker:
         self._batch_commands_max = batch_commands_max
         self._loader = loader
         self._sweep_interval = sweep_interval
+        self._lease_fresh = lease_fresh
         self._snapshot_seq = state.last_seq
         self._snapshot_task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=queue_requests_max)
@@ -197,6 +199,12 @@ class PartitionWorker:
             self.busy = False
 
     async def _process_batch(self, batch: list[PendingRequest]) -> None:
+        if not self._lease_fresh():
+            # Our lease may have passed to another replica: even an answer that writes
+            # nothing (a query, an idempotent replay) could be stale. Let the caller retry.
+            stale = Failed("not_owner", "this ledger replica cannot confirm it owns the partition")
+            await self._reply_all(batch, [[stale] * len(r.commands) for r in batch])
+            return
         now_ms = time.time_ns() // 1_000_000
         first_seq = self.state.last_seq + 1
         rows: list[EventRow] = []
@@ -211,13 +219,19 @@ class PartitionWorker:
                     rows.append(EventRow(seq, event_type(event), encode_event(event)))
                 results.append(decision.result)
             replies.append(results)
-        if rows:
-            failure = await self._append(first_seq, rows)
-            if failure is not None:
-                replies = [[failure] * len(request.commands) for request in batch]
-            else:
-                self._relay.committed(rows, rows[-1].seq)
-                self._maybe_snapshot()
+        failure = await self._append(first_seq, rows) if rows else None
+        if failure is not None:
+            replies = [[failure] * len(request.commands) for request in batch]
+        elif rows:
+            self._relay.committed(rows, rows[-1].seq)
+            self._maybe_snapshot()
+        await self._reply_all(batch, replies)
+        if failure is not None and failure.code == "store_unavailable":
+            # After the replies, so callers hear at once; the append may or may not have
+            # landed, so the in-memory state is rebuilt from the log before the next batch.
+            await self._reload()
+
+    async def _reply_all(self, batch: list[PendingRequest], replies: list[list[AnyResult]]) -> None:
         for request, results in zip(batch, replies, strict=True):
             if request.reply_subject:
                 await self._reply(request.reply_subject, encode_batch(ResultBatch(results)))
@@ -256,7 +270,6 @@ class PartitionWorker:
             return Failed("not_owner", "this ledger replica no longer owns the partition")
         except StoreUnavailableError as error:
             _log.warning("partition %d: append failed: %s", self.partition, error)
-            await self._reload()
             return Failed("store_unavailable", "the ledger could not reach its database")
         return None
 

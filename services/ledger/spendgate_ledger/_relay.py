@@ -143,7 +143,14 @@ class EventRelay:
         while self._buffer and self._buffer[0].seq <= self.published_seq:
             self._buffer.popleft()
         if self._buffer and self._buffer[0].seq == self.published_seq + 1:
-            return list(itertools.islice(self._buffer, self._inflight_max))
+            # Only a contiguous run: after an append that committed unseen (reported as
+            # failed, found on reload) the buffer has a hole that the log must fill.
+            window: list[EventRow] = []
+            for row in itertools.islice(self._buffer, self._inflight_max):
+                if row.seq != self.published_seq + 1 + len(window):
+                    break
+                window.append(row)
+            return window
         async for page in self._store.read_events(self.partition, self.published_seq):
             return page[: self._inflight_max]
         return []

@@ -224,9 +224,7 @@ class LedgerService:
         if self._stopping.is_set():
             return
         assert self._replicas is not None
-        share = fair_share(
-            settings.common.partition_count, await self._replicas.heartbeat(settings.lease)
-        )
+        share = fair_share(settings.common.partition_count, await self._replicas.heartbeat(row_ttl))
         if len(self._owned) > share:
             # Another replica joined: hand our surplus over (it claims it next round).
             surplus = sorted(self._owned)[share:]
@@ -247,6 +245,11 @@ class LedgerService:
             # The server must know the new subscriptions before we answer as their owner.
             assert self._nats is not None
             await self._nats.flush()
+
+    def _lease_fresh(self) -> bool:
+        """Renewed recently enough that no other replica can own our partitions yet."""
+        limit_s = (self._settings.lease * SELF_DROP_FRACTION).total_seconds()
+        return time.monotonic() - self._renewed_at <= limit_s
 
     async def _renew(self, row_ttl: timedelta, pending: Sequence[Lease] = ()) -> set[int]:
         """Renew our leases (and ``pending`` claimed ones); drop owned partitions we lost."""
@@ -287,6 +290,7 @@ class LedgerService:
             queue_requests_max=settings.partition_queue_requests_max,
             loader=self._loader,
             sweep_interval=settings.sweep_interval,
+            lease_fresh=self._lease_fresh,
         )
         tasks = (
             asyncio.create_task(worker.run(), name=f"partition-{lease.partition}"),
