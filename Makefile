@@ -12,7 +12,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run test lint typecheck deploy-check pytest bench bench-ledger clean help
+.PHONY: install run test lint typecheck deploy-check pytest bench bench-ledger bench-auditor clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -49,6 +49,11 @@ pytest: install ## the tests (real NATS and Postgres started by the harness)
 # Options: make bench-ledger BENCH_ARGS="--duration 10 --levels 64,1024" (see --help).
 bench-ledger: install ## ledger benchmark: hot-budget pairs/s vs. a one-row UPDATE (bench/results/)
 	$(VENV)/bin/python -m bench.ledger $(BENCH_ARGS)
+
+# Not part of `make test` either: 100,000 events, then the auditor timed until caught up.
+# Options: make bench-auditor BENCH_ARGS="--events 200000 --fetch-messages-max 1000".
+bench-auditor: install ## auditor catch-up benchmark: 100k events, under 30 s (bench/results/)
+	$(VENV)/bin/python -m bench.auditor $(BENCH_ARGS)
 
 clean: ## remove the virtual environments and caches (keeps .spendgate state)
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

@@ -8,10 +8,12 @@ The auditor runs in-process (fast, its logs in ``caplog``) or as a process (to k
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,10 +21,19 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from spendgate_auditor import AuditorService, AuditorSettings, verify, verify_main
+from spendgate_auditor import (
+    GENESIS_LINK,
+    AuditorService,
+    AuditorSettings,
+    link,
+    new_private_key_pem,
+    verify,
+    verify_main,
+)
+from spendgate_auditor._signing import Signer
 from spendgate_auditor.verify import ProblemKind
 from spendgate_cli.embedded import EmbeddedNats, EmbeddedPostgres
-from spendgate_common.events_v1 import ReservationGranted, encode_event
+from spendgate_common.events_v1 import KeyIssued, ReservationGranted, encode_event
 from spendgate_common.migrate import apply_migrations
 from spendgate_common.nats_adapter import ensure_events_stream
 from spendgate_common.settings import Env
@@ -52,12 +63,30 @@ FAST_AUDITOR_ENV = {
 }
 
 
+KEY_ID = "abcdefghijklmnop"
+
+
 def event_body(partition: int, seq: int) -> bytes:
-    """Canonical bytes of a distinct, realistic event for ``(partition, seq)``."""
+    """Canonical bytes of a distinct, realistic event for ``(partition, seq)``: the key is
+    issued at seq 1, then each seq is a grant on it."""
+    if seq == 1:
+        return encode_event(
+            KeyIssued(
+                at_ms=1_700_000_000_000,
+                key_id=KEY_ID,
+                tenant=f"tenant-{partition}",
+                label=f"run-{partition}",
+                secret_sha256="0" * 64,
+                cap_micros=10**12,
+                window="total",
+                timezone="UTC",
+                expires_at_ms=4_102_444_800_000,
+            )
+        )
     event = ReservationGranted(
         at_ms=1_700_000_000_000 + seq,
         reservation_id=f"r-{partition}-{seq}",
-        key_id="abcdefghijklmnop",
+        key_id=KEY_ID,
         amount_micros=180_000,
         vendor="stripe",
         operation="POST /v1/charges",
@@ -188,7 +217,7 @@ async def test_auditor_chains_every_event_and_verify_agrees(
     assert await asyncio.to_thread(verify_main, database_url) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "OK: 120 events in 3 partitions verified"
-    assert "partition 3: OK, 40 events verified" in lines
+    assert "partition 3: OK, 40 events verified, signed to seq 40" in lines
 
 
 async def test_events_not_yet_published_are_reported_as_lag_not_failure(
@@ -485,3 +514,156 @@ def test_verify_main_says_when_it_cannot_verify(capsys: pytest.CaptureFixture[st
     unreachable = "postgresql://postgres@127.0.0.1:1/nothing"
     assert verify_main(unreachable) == 2
     assert capsys.readouterr().err.startswith("ERROR: cannot verify:")
+
+
+# ------------------------------------------------------------------ signed checkpoints
+
+
+async def _rewrite_partition_chain(connection: asyncpg.Connection[Any], partition: int) -> None:
+    """Recompute partition's links and head from its (changed) events: what someone who can
+    write to Postgres, but has no signing key, can do to hide an edit."""
+    rows = await connection.fetch(
+        "SELECT seq, body FROM events WHERE partition = $1 ORDER BY seq", partition
+    )
+    previous = GENESIS_LINK
+    for row in rows:
+        previous = link(previous, partition, row["seq"], bytes(row["body"]))
+        await connection.execute(
+            "UPDATE audit_chain SET link = $3 WHERE partition = $1 AND seq = $2",
+            partition,
+            row["seq"],
+            previous,
+        )
+    await connection.execute(
+        "UPDATE audit_heads SET seq = $2, link = $3 WHERE partition = $1",
+        partition,
+        rows[-1]["seq"],
+        previous,
+    )
+
+
+@pytest.mark.parametrize(
+    ("tamper", "kind", "seq"),
+    [
+        ("edit_and_rewrite_chain", ProblemKind.CHECKPOINT_MISMATCH, 10),
+        ("truncate_log_and_chain", ProblemKind.TRUNCATED_TAIL, 10),
+        ("forge_signature", ProblemKind.BAD_SIGNATURE, 10),
+        ("sign_with_unknown_key", ProblemKind.UNKNOWN_SIGNING_KEY, 10),
+    ],
+)
+async def test_signed_checkpoints_catch_what_the_chain_alone_cannot(
+    event_log: EventLog, database_url: str, nats_url: str, tamper: str, kind: ProblemKind, seq: int
+) -> None:
+    for partition in (0, 1):
+        await event_log.append(partition, range(1, 11))
+    # A stopping auditor signs its unsigned heads, so seq 10 of each partition is signed.
+    async with running_auditor(database_url, nats_url):
+        await wait_chained(event_log.connection, {0: 10, 1: 10})
+    report = await verify(database_url)
+    assert report.ok
+    assert [p.signed_seq for p in report.partitions] == [10, 10]
+    connection = event_log.connection
+    if tamper == "edit_and_rewrite_chain":
+        await connection.execute(
+            "UPDATE events SET body = $1 WHERE partition = 1 AND seq = 4",
+            event_body(1, 4).replace(b"180000", b"1"),
+        )
+        await _rewrite_partition_chain(connection, 1)
+    elif tamper == "truncate_log_and_chain":
+        for table in ("events", "audit_chain"):
+            await connection.execute(f"DELETE FROM {table} WHERE partition = 1 AND seq >= 9")  # noqa: S608
+        await _rewrite_partition_chain(connection, 1)
+    elif tamper == "forge_signature":
+        await connection.execute(
+            "UPDATE audit_checkpoints SET signature = $1 WHERE partition = 1 AND seq = 10",
+            bytes(64),
+        )
+    else:
+        stranger = Signer.generate_ephemeral()
+        row = await connection.fetchrow(
+            "SELECT link FROM audit_checkpoints WHERE partition = 1 AND seq = 10"
+        )
+        await connection.execute(
+            "UPDATE audit_checkpoints SET key_id = $1, signature = $2"
+            " WHERE partition = 1 AND seq = 10",
+            stranger.key_id,
+            stranger.sign(1, 10, bytes(row["link"])),
+        )
+    report = await verify(database_url)
+    [broken] = report.broken
+    assert broken.partition == 1
+    assert broken.problem is not None
+    assert (broken.problem.kind, broken.problem.seq) == (kind, seq), broken.problem.reason
+
+
+async def test_pinned_keys_refuse_a_key_added_to_the_database(
+    event_log: EventLog, database_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "audit.pem"
+    key_file.write_bytes(new_private_key_pem())
+    await event_log.append(2, range(1, 6))
+    async with running_auditor(
+        database_url, nats_url, SPENDGATE_AUDIT_SIGNING_KEY_FILE=str(key_file)
+    ) as auditor:
+        await wait_chained(event_log.connection, {2: 5})
+        genuine_key = auditor.signing_key_id
+    connection = event_log.connection
+    [public_key] = await connection.fetch("SELECT public_key FROM audit_signing_keys")
+    pinned = tmp_path / "pinned.txt"
+    pinned.write_text(base64.b64encode(bytes(public_key[0])).decode() + "\n")
+    # Someone with write access to Postgres registers a key and re-signs with it.
+    intruder = Signer.generate_ephemeral()
+    await connection.execute(
+        "INSERT INTO audit_signing_keys (key_id, algorithm, public_key) VALUES ($1, 'ed25519', $2)",
+        intruder.key_id,
+        intruder.public_key,
+    )
+    link_5 = await connection.fetchval(
+        "SELECT link FROM audit_chain WHERE partition = 2 AND seq = 5"
+    )
+    await connection.execute(
+        "UPDATE audit_checkpoints SET key_id = $1, signature = $2 WHERE partition = 2 AND seq = 5",
+        intruder.key_id,
+        intruder.sign(2, 5, bytes(link_5)),
+    )
+    assert intruder.key_id != genuine_key
+    assert (await verify(database_url)).ok  # the database's keys include the intruder's
+    assert await asyncio.to_thread(verify_main, database_url, public_keys=pinned) == 1
+
+
+async def test_key_rotation_keeps_old_signatures_verifiable_and_from_seq_starts_late(
+    event_log: EventLog, database_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    key_ids = []
+    for round_number, seqs in enumerate((range(1, 21), range(21, 41))):
+        key_file = tmp_path / f"key-{round_number}.pem"
+        key_file.write_bytes(new_private_key_pem())
+        await event_log.append(3, seqs)
+        async with running_auditor(
+            database_url, nats_url, SPENDGATE_AUDIT_SIGNING_KEY_FILE=str(key_file)
+        ) as auditor:
+            await wait_chained(event_log.connection, {3: seqs[-1]})
+            key_ids.append(auditor.signing_key_id)
+    signed_by = await event_log.connection.fetch(
+        "SELECT seq, key_id FROM audit_checkpoints WHERE partition = 3 ORDER BY seq"
+    )
+    assert [(row["seq"], row["key_id"]) for row in signed_by] == [
+        (20, key_ids[0]),
+        (40, key_ids[1]),
+    ]
+    report = await verify(database_url)
+    assert report.ok
+    [partition] = report.partitions
+    assert (partition.checkpoints_verified, partition.signed_seq) == (2, 40)
+    # From seq 30: trusts the checkpoint at 20 (signature checked), recomputes 21..40.
+    [late] = (await verify(database_url, partition=3, from_seq=30)).partitions
+    assert late.ok
+    assert (late.events, late.verified, late.checkpoints_verified) == (20, 20, 1)
+    # An edit before the start is not seen from there, but one after it is.
+    await event_log.connection.execute(
+        "UPDATE events SET body = $1 WHERE partition = 3 AND seq = 25",
+        event_body(3, 25).replace(b"180000", b"7"),
+    )
+    [late] = (await verify(database_url, partition=3, from_seq=30)).partitions
+    assert late.problem is not None
+    assert (late.problem.kind, late.problem.seq) == (ProblemKind.LINK_MISMATCH, 25)

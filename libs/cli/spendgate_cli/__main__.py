@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 from spendgate_common.errors import ConfigurationError, SpendgateError
@@ -88,12 +88,26 @@ def _fake_vendor(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from spendgate_auditor.verify import (  # type: ignore[import-not-found, unused-ignore]
-        verify_main,
+    from spendgate_auditor.verify import verify_main
+
+    return verify_main(
+        _database_url(args),
+        partition=args.partition,
+        from_seq=args.from_seq,
+        public_keys=args.public_keys,
     )
 
-    code: int = verify_main(_database_url(args))
-    return code
+
+def _report(args: argparse.Namespace) -> int:
+    from spendgate_auditor.report import report_main
+
+    return report_main(
+        _database_url(args),
+        args.by,
+        since=args.since,
+        tenant=args.tenant,
+        output_format=args.format,
+    )
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -157,6 +171,27 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65_535:
         raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {port}")
     return port
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
 
 
 def _partition_count(text: str) -> int:
@@ -251,7 +286,7 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser(
         "audit",
-        help="audit commands (verify the hash chains)",
+        help="audit commands (verify the signed hash chains)",
         description="Audit commands.",
     )
     audit_commands = audit.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND")
@@ -261,14 +296,59 @@ def _parser() -> argparse.ArgumentParser:
         help="verify every partition's hash chain and signatures against the event log",
         description=(
             "Recompute every partition's hash chain from the event log and compare it with "
-            "the auditor's chain and signed heads. Exits non-zero when anything was deleted, "
-            "edited or reordered."
+            "the auditor's chain and its Ed25519-signed checkpoints. Exits 1 when anything "
+            "was deleted, edited, inserted or reordered, or a signature does not verify; 2 "
+            "when verification could not run. See docs/audit.md."
         ),
     )
     verify.add_argument(
         "--database-url", help="Postgres URL (default: SPENDGATE_DATABASE_URL)", default=None
     )
+    verify.add_argument(
+        "--partition", type=_non_negative, default=None, metavar="P", help="only partition P"
+    )
+    verify.add_argument(
+        "--from",
+        dest="from_seq",
+        type=_positive,
+        default=None,
+        metavar="SEQ",
+        help=(
+            "start at the newest signed checkpoint before SEQ (its signature checked, its "
+            "link trusted) instead of seq 1"
+        ),
+    )
+    verify.add_argument(
+        "--public-keys",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=(
+            "trust only these public keys: the JSON of GET /v1/audit/keys, or PEM / base64 "
+            "keys one per line (default: the keys registered in the database)"
+        ),
+    )
     verify.set_defaults(run=_audit_verify)
+
+    report = commands.add_parser(
+        "report",
+        help="spend from the auditor's rollups, by run, fleet, vendor or day (CSV or JSON)",
+        description=(
+            "Print committed, reserved, overrun and denied amounts (micro-USD and USD) with "
+            "counts from the auditor's rollups, one row per tenant and group. Days are local "
+            "dates in each key's time zone. See docs/finance.md for the views and SQL."
+        ),
+    )
+    report.add_argument("--by", choices=("run", "fleet", "vendor", "day"), required=True)
+    report.add_argument(
+        "--since", type=_day, default=None, metavar="YYYY-MM-DD", help="only days on or after"
+    )
+    report.add_argument("--tenant", default=None, help="only this tenant")
+    report.add_argument("--format", choices=("csv", "json"), default="csv")
+    report.add_argument(
+        "--database-url", help="Postgres URL (default: SPENDGATE_DATABASE_URL)", default=None
+    )
+    report.set_defaults(run=_report)
 
     migrate = commands.add_parser(
         "migrate",

@@ -8,6 +8,8 @@ data, ports and admin token::
     STATE/logs/<name>.log    one log per server and service, appended across runs
     STATE/ports.json         NATS and Postgres ports, reused so URLs stay stable
     STATE/admin_token        generated admin token (mode 0600), unless one is configured
+    STATE/audit_signing_key.pem  the auditor's Ed25519 checkpoint signing key (mode 0600,
+                             generated on first start), unless one is configured
     STATE/partition_count    the partition count the database was created with
     STATE/database_url       the Postgres URL of this run (for ``spendgate audit verify``)
     STATE/up.lock            locked while ``spendgate up`` runs on this directory
@@ -186,6 +188,9 @@ class LocalStack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        signing_key_file = self._audit_signing_key_file()
+        if signing_key_file is not None:
+            env["SPENDGATE_AUDIT_SIGNING_KEY_FILE"] = str(signing_key_file)
         self._admin_token_value = admin_token
         for kind in SERVICE_START_ORDER:
             self._step(f"starting {kind}")
@@ -235,6 +240,24 @@ class LocalStack:
         with os.fdopen(descriptor, "w") as file:
             file.write(token + "\n")
         return token
+
+    def _audit_signing_key_file(self) -> Path | None:
+        """The auditor's signing key file in the state directory, generated on first use;
+        None when SPENDGATE_AUDIT_SIGNING_KEY(_FILE) is configured (passed through)."""
+        env = Env()
+        if (
+            env.optional_text("SPENDGATE_AUDIT_SIGNING_KEY") is not None
+            or env.optional_text("SPENDGATE_AUDIT_SIGNING_KEY_FILE") is not None
+        ):
+            return None
+        from spendgate_auditor import new_private_key_pem
+
+        path = self._state / "audit_signing_key.pem"
+        if not path.exists():
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(new_private_key_pem())
+        return path
 
     def _ports(self) -> dict[str, int]:
         """The NATS and Postgres ports of the last run when still free, else new ones."""

@@ -31,3 +31,24 @@ def events_subject(partition: int) -> str:
 def event_msg_id(partition: int, seq: int) -> str:
     """``Nats-Msg-Id`` of an event, so a republish after a crash is deduplicated."""
     return f"{partition}:{seq}"
+
+
+# Auditor request-reply subjects (payloads: spendgate_common.audit_v1). The auditor
+# answers them in the queue group AUDITOR_QUEUE_GROUP, so any replica may answer.
+AUDIT_SUBJECT_PREFIX = f"spendgate.{PROTOCOL_VERSION}.audit"
+AUDIT_KEYS_SUBJECT = f"{AUDIT_SUBJECT_PREFIX}.keys"
+AUDIT_VERIFY_SUBJECT = f"{AUDIT_SUBJECT_PREFIX}.verify"
+AUDIT_CHECKPOINT_SUBJECT = f"{AUDIT_SUBJECT_PREFIX}.checkpoint"
+AUDIT_STATUS_SUBJECT = f"{AUDIT_SUBJECT_PREFIX}.status"
+AUDITOR_QUEUE_GROUP = "spendgate-auditor"
+
+# JetStream stream of finance events (CloudEvents JSON, spendgate_common.finance_v1), one
+# subject per tenant; Nats-Msg-Id is the CloudEvent id, so a republish is dropped.
+FINANCE_STREAM = "SPENDGATE_FINANCE"
+FINANCE_SUBJECT_PREFIX = f"spendgate.{PROTOCOL_VERSION}.finance"
+FINANCE_SUBJECT_WILDCARD = f"{FINANCE_SUBJECT_PREFIX}.>"
+
+
+def finance_subject(tenant: str) -> str:
+    """JetStream subject of one tenant's finance events (tenants are ``[a-z0-9-]``)."""
+    return f"{FINANCE_SUBJECT_PREFIX}.{tenant}"

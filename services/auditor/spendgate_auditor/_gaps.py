@@ -55,3 +55,7 @@ class GapWatch:
             return "open", open_s
         current.alarmed_at_s = now_s
         return "alarm", open_s
+
+    def stalled(self) -> list[int]:
+        """Partitions whose open gap has been reported as an alarm (a gauge)."""
+        return sorted(p for p, gap in self._open.items() if gap.alarmed_at_s is not None)

@@ -1,11 +1,16 @@
-"""The auditor service: a durable JetStream pull consumer that chains events in Postgres.
+"""The auditor service: a durable JetStream pull consumer that chains, signs and rolls up
+events in Postgres, and publishes finance events.
 
-Start: connect Postgres (apply migrations) and NATS (ensure the events stream), create or
-update the durable pull consumer ``AUDITOR_DURABLE`` (explicit acks, bounded pending),
-then loop: fetch a bounded batch, chain it in one Postgres transaction, and only after the
-commit ack what was chained or was a duplicate, and nak (with a delay) what is held
-behind a gap. Nothing is ever acked before its commit, so a crash at any point leads to a
-redelivery, which the heads recognise as duplicates.
+Start: connect Postgres (apply migrations), register the signing key's public half, connect
+NATS (ensure the events and finance streams), create or update the durable pull consumer
+``AUDITOR_DURABLE`` (explicit acks, bounded pending), answer the audit API
+(:mod:`spendgate_auditor._api`), then loop: fetch a bounded batch, chain it, sign the
+checkpoints due, and apply it to the rollups and the finance outbox, all in one Postgres
+transaction; only after the commit ack what was chained or was a duplicate, nak (with a
+delay) what is held behind a gap, and publish the batch's finance events. Nothing is ever
+acked before its commit, so a crash at any point leads to a redelivery, which the heads
+recognise as duplicates. Between batches, heads whose unsigned events are
+``checkpoint_interval`` old are signed.
 
 When Postgres or NATS goes away the loop logs, pauses (doubling up to a bound) and
 continues; the fetched messages are nak'd so that they come back after the pause.
@@ -22,6 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import asyncpg
 from nats.aio.client import Client as NatsClient
@@ -30,11 +36,16 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from spendgate_auditor._api import AuditApi
+from spendgate_auditor._chain import ChainHead
+from spendgate_auditor._checkpoints import CheckpointSchedule
+from spendgate_auditor._finance import FinancePublisher, ensure_finance_stream
 from spendgate_auditor._gaps import GapWatch
 from spendgate_auditor._plan import Delivery, parse_delivery
 from spendgate_auditor._settings import AuditorSettings
-from spendgate_auditor._store import AuditStore, BatchOutcome
-from spendgate_common import nats_adapter, pg
+from spendgate_auditor._signing import Signer
+from spendgate_auditor._store import AuditStore, BatchOutcome, CheckpointRow
+from spendgate_common import audit_v1, nats_adapter, pg
 from spendgate_common.errors import StoreUnavailableError
 from spendgate_common.migrate import apply_migrations
 from spendgate_common.subjects import AUDITOR_DURABLE, EVENTS_STREAM
@@ -49,6 +60,25 @@ SUBSCRIPTION_PENDING_BYTES_MAX = 64 * 1024 * 1024
 EXIT_CODE_CRASHED = 70
 # Errors of NATS calls on the consume path (connection lost, request timed out).
 _NATS_ERRORS = (NatsError, OSError, TimeoutError)
+# Shortest fetch wait when a checkpoint is due soon (a fetch returns at once with messages).
+FETCH_WAIT_MIN_S = 0.05
+# Most skipped-event reasons logged per batch (the rest are counted).
+SKIPPED_LOGGED_MAX = 10
+
+
+@dataclass(slots=True)
+class Counters:
+    """The auditor's counters and gauges (docs/audit.md, "Lag and counters")."""
+
+    events_chained: int = 0
+    batches: int = 0
+    duplicates: int = 0
+    lag_events: int = 0
+    lag_ms: int = 0
+    checkpoints_signed: int = 0
+    gaps_seen: int = 0
+    gap_alarms: int = 0
+    rollup_skipped_events: int = 0
 
 
 class AuditorService:
@@ -68,8 +98,68 @@ class AuditorService:
         self._subscription: JetStreamContext.PullSubscription | None = None
         self._store: AuditStore | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._status_task: asyncio.Task[None] | None = None
         self._pause_s = settings.retry_pause_min.total_seconds()
         self._gaps = GapWatch(settings.gap_alarm_after.total_seconds())
+        if settings.signing_key is not None:
+            self._signer = Signer.of(settings.signing_key)
+        else:
+            self._signer = Signer.generate_ephemeral()
+        self._schedule = CheckpointSchedule(
+            settings.checkpoint_every_events, settings.checkpoint_interval.total_seconds()
+        )
+        self._finance: FinancePublisher | None = None
+        self._api: AuditApi | None = None
+        self.counters = Counters()
+
+    # ------------------------------------------------------------- what the API needs
+
+    @property
+    def store(self) -> AuditStore:
+        assert self._store is not None
+        return self._store
+
+    @property
+    def signing_key_id(self) -> str:
+        return self._signer.key_id
+
+    @property
+    def database_url(self) -> str:
+        return self._settings.database_url
+
+    @property
+    def verify_deadline_s(self) -> float:
+        return self._settings.verify_deadline.total_seconds()
+
+    async def sign_heads_now(self) -> list[CheckpointRow]:
+        """Sign every partition's head now (on demand); the checkpoint of every head."""
+        written, every = await self.store.sign_heads(None, self._signer)
+        self._signed(written, every)
+        return every
+
+    def status(self) -> audit_v1.AuditorStatus:
+        counters = self.counters
+        finance = self._finance
+        return audit_v1.AuditorStatus(
+            events_chained=counters.events_chained,
+            batches=counters.batches,
+            duplicates=counters.duplicates,
+            lag_events=counters.lag_events,
+            lag_ms=counters.lag_ms,
+            checkpoints_signed=counters.checkpoints_signed,
+            finance_published=0 if finance is None else finance.published,
+            finance_pending=0 if finance is None else finance.pending,
+            gaps_seen=counters.gaps_seen,
+            gap_alarms=counters.gap_alarms,
+            stalled_partitions=self._gaps.stalled(),
+            rollup_skipped_events=counters.rollup_skipped_events,
+            signing_key_id=self._signer.key_id,
+            signing_key_ephemeral=self._signer.ephemeral,
+        )
+
+    def _signed(self, written: Sequence[CheckpointRow], every: Sequence[CheckpointRow]) -> None:
+        self.counters.checkpoints_signed += len(written)
+        self._schedule.signed(ChainHead(row.partition, row.seq, row.link) for row in every)
 
     async def start(self) -> None:
         settings = self._settings
@@ -85,6 +175,16 @@ class AuditorService:
         if applied:
             _log.info("applied migrations %s", applied)
         self._store = AuditStore(self._pool)
+        await self._store.register_key(self._signer)
+        if self._signer.ephemeral:
+            _log.warning(
+                "no signing key configured (SPENDGATE_AUDIT_SIGNING_KEY_FILE or"
+                " SPENDGATE_AUDIT_SIGNING_KEY): signing with an ephemeral key %s that lives"
+                " only in this process; every restart adds a key, so configure one",
+                self._signer.key_id,
+            )
+        heads, signed = await self._store.heads_and_signed()
+        self._schedule.load(heads, signed, time.monotonic())
         self._nats = await nats_adapter.connect(
             settings.common.nats_url,
             name="spendgate-auditor",
@@ -92,20 +192,30 @@ class AuditorService:
         )
         jetstream = self._nats.jetstream()
         await self._ensure_consumer(jetstream)
+        await ensure_finance_stream(jetstream, replicas=settings.common.events_stream.replicas)
+        self._finance = FinancePublisher(jetstream, self._store, settings.finance_publish_timeout)
         self._subscription = await jetstream.pull_subscribe_bind(
             durable=AUDITOR_DURABLE,
             stream=EVENTS_STREAM,
             pending_msgs_limit=SUBSCRIPTION_PENDING_MESSAGES_MAX,
             pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES_MAX,
         )
+        self._api = AuditApi(self._nats, self)
+        await self._api.start()
         self._loop_task = asyncio.create_task(self._consume(), name="auditor-consume")
         self._loop_task.add_done_callback(self._on_loop_done)
-        _log.info("auditor started: consumer %s on stream %s", AUDITOR_DURABLE, EVENTS_STREAM)
+        self._status_task = asyncio.create_task(self._log_status(), name="auditor-status")
+        _log.info(
+            "auditor started: consumer %s on stream %s, signing key %s",
+            AUDITOR_DURABLE,
+            EVENTS_STREAM,
+            self._signer.key_id,
+        )
 
     async def _ensure_consumer(self, jetstream: JetStreamContext) -> None:
         """Create the stream and the consumer, or update them to our configuration."""
-        await nats_adapter.ensure_events_stream(jetstream)
         settings = self._settings
+        await nats_adapter.ensure_events_stream(jetstream, settings.common.events_stream)
         # Naming the consumer makes add_consumer create-or-update it, so a changed bound
         # takes effect on restart. Unlimited deliveries: an event is never given up on.
         config = ConsumerConfig(
@@ -134,6 +244,10 @@ class AuditorService:
         def remaining_s() -> float:
             return max(0.1, give_up_at - time.monotonic())
 
+        if self._status_task is not None:
+            self._status_task.cancel()
+        if self._api is not None:
+            await self._api.stop()
         if self._loop_task is not None:
             # The loop notices the stop within one fetch wait plus one batch; past the
             # deadline it is cancelled, which rolls back its transaction without acking.
@@ -141,6 +255,7 @@ class AuditorService:
             if not done:
                 self._loop_task.cancel()
                 await asyncio.wait([self._loop_task])
+        await self._sign_before_stop(remaining_s())
         if self._subscription is not None:
             with contextlib.suppress(Exception):
                 await self._subscription.unsubscribe()
@@ -156,15 +271,41 @@ class AuditorService:
             if crash is not None:
                 raise crash
 
+    async def _sign_before_stop(self, deadline_s: float) -> None:
+        """Sign the unsigned heads, so that a stopped auditor leaves its chains signed."""
+        unsigned = self._schedule.unsigned()
+        if not unsigned or self._store is None:
+            return
+        try:
+            written, every = await asyncio.wait_for(
+                self._store.sign_heads(unsigned, self._signer), deadline_s
+            )
+        except (StoreUnavailableError, TimeoutError) as error:
+            _log.warning("signing the heads before stopping failed: %s", error)
+            return
+        self._signed(written, every)
+
     # ------------------------------------------------------------------------- loop
 
     async def _consume(self) -> None:
         assert self._subscription is not None
+        assert self._finance is not None
         settings = self._settings
         while not self._stopping.is_set():
             try:
+                await self._sign_due()
+                await self._finance.drain_backlog()
+            except StoreUnavailableError as error:
+                _log.warning("signing checkpoints failed: %s", error)
+                await self._pause()
+                continue
+            wait_s = settings.fetch_wait.total_seconds()
+            due_in_s = self._schedule.next_due_in_s(time.monotonic())
+            if due_in_s is not None:
+                wait_s = max(FETCH_WAIT_MIN_S, min(wait_s, due_in_s))
+            try:
                 messages = await self._subscription.fetch(
-                    settings.fetch_messages_max, timeout=settings.fetch_wait.total_seconds()
+                    settings.fetch_messages_max, timeout=wait_s
                 )
             except _NATS_ERRORS as error:
                 # nats-py reports "no message within the wait" as a timeout, too.
@@ -186,8 +327,16 @@ class AuditorService:
                 continue
             self._pause_s = settings.retry_pause_min.total_seconds()
 
+    async def _sign_due(self) -> None:
+        """Sign the heads whose oldest unsigned event is ``checkpoint_interval`` old."""
+        due = self._schedule.due(time.monotonic())
+        if due:
+            written, every = await self.store.sign_heads(due, self._signer)
+            self._signed(written, every)
+
     async def _handle(self, messages: Sequence[Msg]) -> None:
         assert self._store is not None
+        assert self._finance is not None
         deliveries: list[Delivery] = []
         malformed: list[int] = []
         for token, message in enumerate(messages):
@@ -202,16 +351,72 @@ class AuditorService:
                 messages[token].subject,
                 messages[token].headers,
             )
-        outcome = await self._store.chain(deliveries) if deliveries else None
+        now_s = time.monotonic()
+        outcome = (
+            await self._store.chain(deliveries, self._signer, self._schedule, now_s)
+            if deliveries
+            else None
+        )
         # Committed (or nothing to commit): now, and only now, settle the messages.
         if outcome is None:
             await _settle(messages, [], malformed, [], 0)
             return
-        self._report(outcome)
         plan = outcome.plan
+        self._schedule.committed(
+            plan.heads.values(),
+            [ChainHead(row.partition, row.seq, row.link) for row in outcome.checkpoints],
+            now_s,
+        )
+        self._report(outcome)
+        self._measure(messages, outcome)
         held = [delivery.token for delivery in plan.held]
         delay_s = self._settings.gap_redelivery_delay.total_seconds()
         await _settle(messages, plan.settled_tokens(), malformed, held, delay_s)
+        if self._finance.backlog:
+            await self._finance.drain_backlog()
+        else:
+            await self._finance.publish(outcome.finance)
+
+    def _measure(self, messages: Sequence[Msg], outcome: BatchOutcome) -> None:
+        counters = self.counters
+        counters.batches += 1
+        counters.events_chained += len(outcome.plan.chained)
+        counters.duplicates += len(outcome.plan.duplicates)
+        counters.checkpoints_signed += len(outcome.checkpoints)
+        counters.rollup_skipped_events += len(outcome.skipped)
+        if outcome.last_event_at_ms is not None:
+            counters.lag_ms = max(0, time.time_ns() // 1_000_000 - outcome.last_event_at_ms)
+        with contextlib.suppress(Exception):
+            # Messages in the stream not yet delivered to this consumer, after the last.
+            counters.lag_events = messages[-1].metadata.num_pending
+        for skipped in outcome.skipped[:SKIPPED_LOGGED_MAX]:
+            _log.error(
+                "partition %d: seq %d is chained but not rolled up: %s",
+                skipped.partition,
+                skipped.seq,
+                skipped.reason,
+            )
+
+    async def _log_status(self) -> None:
+        interval_s = self._settings.status_log_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval_s)
+            status = self.status()
+            _log.info(
+                "auditor status: lag %d events, %d ms; %d events chained in %d batches;"
+                " %d checkpoints signed; %d finance events published, %d pending;"
+                " %d gap alarms, stalled partitions %s; %d events not rolled up",
+                status.lag_events,
+                status.lag_ms,
+                status.events_chained,
+                status.batches,
+                status.checkpoints_signed,
+                status.finance_published,
+                status.finance_pending,
+                status.gap_alarms,
+                status.stalled_partitions,
+                status.rollup_skipped_events,
+            )
 
     def _report(self, outcome: BatchOutcome) -> None:
         self._gaps.advanced(outcome.plan.heads)
@@ -219,6 +424,7 @@ class AuditorService:
         for gap in outcome.plan.gaps:
             status, open_s = self._gaps.seen(gap, now_s)
             if status == "new":
+                self.counters.gaps_seen += 1
                 # Usually a redelivery still on its way (after a failure or a restart).
                 _log.warning(
                     "partition %d: gap in the event stream: expected seq %d, received seq %d;"
@@ -228,6 +434,7 @@ class AuditorService:
                     gap.received_seq,
                 )
             elif status == "alarm":
+                self.counters.gap_alarms += 1
                 _log.error(
                     "partition %d: gap in the event stream open for %.0f s: seq %d has not"
                     " arrived (received seq %d); the partition's chain is stalled",

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from spendgate_auditor._signing import SigningKeyError, load_private_key
 from spendgate_common.errors import ConfigurationError
 from spendgate_common.settings import CommonSettings, Env
+
+# Largest signing key file we read (a PEM Ed25519 key is about 120 bytes).
+SIGNING_KEY_FILE_BYTES_MAX = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +43,19 @@ class AuditorSettings:
     statement_timeout: timedelta
     connect_deadline: timedelta
     shutdown_deadline: timedelta
+    # The current checkpoint signing key; None: none configured (an ephemeral key is
+    # generated at start, see docs/audit.md).
+    signing_key: Ed25519PrivateKey | None
+    # A partition's chain is signed at least every this many events ...
+    checkpoint_every_events: int
+    # ... and at least this long after its oldest unsigned event was chained.
+    checkpoint_interval: timedelta
+    # Longest wait for JetStream to acknowledge one batch of finance events.
+    finance_publish_timeout: timedelta
+    # How often the auditor logs its counters and lag.
+    status_log_interval: timedelta
+    # Longest a verification asked for over NATS (GET /v1/audit/verify) may run.
+    verify_deadline: timedelta
 
     @classmethod
     def from_env(cls, env: Env) -> AuditorSettings:
@@ -67,7 +87,7 @@ class AuditorSettings:
                 "SPENDGATE_AUDITOR_RETRY_PAUSE_MAX_MS", 5_000, minimum=1, maximum=300_000
             ),
             database_pool_max=env.integer(
-                "SPENDGATE_AUDITOR_DATABASE_POOL_MAX", 2, minimum=1, maximum=64
+                "SPENDGATE_AUDITOR_DATABASE_POOL_MAX", 4, minimum=2, maximum=64
             ),
             statement_timeout=env.milliseconds(
                 "SPENDGATE_AUDITOR_STATEMENT_TIMEOUT_MS", 10_000, minimum=100, maximum=120_000
@@ -77,6 +97,22 @@ class AuditorSettings:
             ),
             shutdown_deadline=env.seconds(
                 "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
+            ),
+            signing_key=_signing_key(env),
+            checkpoint_every_events=env.integer(
+                "SPENDGATE_AUDITOR_CHECKPOINT_EVERY_EVENTS", 1_000, minimum=1, maximum=1_000
+            ),
+            checkpoint_interval=env.milliseconds(
+                "SPENDGATE_AUDITOR_CHECKPOINT_INTERVAL_MS", 1_000, minimum=10, maximum=1_000
+            ),
+            finance_publish_timeout=env.milliseconds(
+                "SPENDGATE_AUDITOR_FINANCE_PUBLISH_TIMEOUT_MS", 5_000, minimum=100, maximum=60_000
+            ),
+            status_log_interval=env.seconds(
+                "SPENDGATE_AUDITOR_STATUS_LOG_SECONDS", 60, minimum=1, maximum=86_400
+            ),
+            verify_deadline=env.seconds(
+                "SPENDGATE_AUDITOR_VERIFY_DEADLINE_SECONDS", 50, minimum=1, maximum=3_600
             ),
         )
         if settings.ack_pending_max < settings.fetch_messages_max:
@@ -97,3 +133,31 @@ class AuditorSettings:
                 "must be at least SPENDGATE_AUDITOR_RETRY_PAUSE_MIN_MS",
             )
         return settings
+
+
+def _signing_key(env: Env) -> Ed25519PrivateKey | None:
+    """The signing key from SPENDGATE_AUDIT_SIGNING_KEY_FILE or SPENDGATE_AUDIT_SIGNING_KEY
+    (PEM PKCS#8, or base64 of the raw 32-byte seed); at most one of them may be set."""
+    path = env.optional_text("SPENDGATE_AUDIT_SIGNING_KEY_FILE")
+    inline = env.optional_text("SPENDGATE_AUDIT_SIGNING_KEY")
+    if path is not None and inline is not None:
+        raise ConfigurationError(
+            "SPENDGATE_AUDIT_SIGNING_KEY", "set it or SPENDGATE_AUDIT_SIGNING_KEY_FILE, not both"
+        )
+    if path is not None:
+        variable = "SPENDGATE_AUDIT_SIGNING_KEY_FILE"
+        try:
+            with Path(path).open("rb") as file:
+                secret = file.read(SIGNING_KEY_FILE_BYTES_MAX + 1)
+        except OSError as error:
+            raise ConfigurationError(variable, f"cannot read {path}: {error.strerror}") from None
+        if len(secret) > SIGNING_KEY_FILE_BYTES_MAX:
+            raise ConfigurationError(variable, f"{path} is too large for a key")
+    elif inline is not None:
+        variable, secret = "SPENDGATE_AUDIT_SIGNING_KEY", inline.encode("utf-8")
+    else:
+        return None
+    try:
+        return load_private_key(secret)
+    except SigningKeyError as error:
+        raise ConfigurationError(variable, f"is not an Ed25519 private key: {error}") from None

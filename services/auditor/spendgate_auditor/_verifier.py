@@ -1,19 +1,25 @@
 """Checking one partition's audit chain against its event log. Pure: no I/O.
 
-The shell walks the ``events`` rows and the ``audit_chain`` rows of a partition together,
-in sequence order, and feeds each seq present in either table to
+The shell walks the ``events``, ``audit_chain`` and ``audit_checkpoints`` rows of a
+partition together, in sequence order, and feeds each seq present in any of them to
 :meth:`PartitionVerifier.observe`, then calls :meth:`PartitionVerifier.finish` with the
-partition's head row. The verifier recomputes the chain from the events' bodies and
-reports the first problem, or how far the chain is verified and how many events the
-auditor has not chained yet (lag, which is not a failure).
+partition's head row. The verifier recomputes the chain from the events' bodies alone,
+compares it with the stored links and with every signed checkpoint (whose signature it
+checks with the trusted public keys), and reports the first problem, or how far the chain
+is verified and signed and how many events the auditor has not chained yet (lag, which is
+not a failure).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from spendgate_auditor._chain import GENESIS_LINK, link
+from spendgate_auditor._signing import verify_signature
 
 
 class ProblemKind(enum.StrEnum):
@@ -33,6 +39,13 @@ class ProblemKind(enum.StrEnum):
     HEAD_MISMATCH = "head_mismatch"
     # A chain row with a seq no event can have (below 1): audit rows edited.
     INVALID_CHAIN_ROW = "invalid_chain_row"
+    # A signed checkpoint's link differs from the link recomputed from the events log:
+    # events at or before its seq were changed and the chain rewritten to match.
+    CHECKPOINT_MISMATCH = "checkpoint_mismatch"
+    # A checkpoint's signature does not verify with its key: forged or edited.
+    BAD_SIGNATURE = "bad_signature"
+    # A checkpoint names a key id that is not among the trusted public keys.
+    UNKNOWN_SIGNING_KEY = "unknown_signing_key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +59,11 @@ class Problem:
 class PartitionReport:
     """One partition's result.
 
-    ``events``: rows in its events log. ``verified``: events whose chained link matched
-    the recomputed one (1..``verified``). ``not_yet_audited``: events after the chain's
-    end (lag). ``problem``: the first problem found, ``None`` when there is none.
+    ``events``: rows in its events log (from the start seq on). ``verified``: events whose
+    chained link matched the recomputed one. ``not_yet_audited``: events after the
+    chain's end (lag). ``signed_seq``: the highest seq covered by a checkpoint that
+    verified; ``checkpoints_verified``: how many did. ``problem``: the first problem
+    found, ``None`` when there is none.
     """
 
     partition: int
@@ -56,6 +71,8 @@ class PartitionReport:
     verified: int
     not_yet_audited: int
     problem: Problem | None
+    signed_seq: int = 0
+    checkpoints_verified: int = 0
 
     @property
     def ok(self) -> bool:
@@ -70,13 +87,67 @@ class HeadRow:
     link: bytes
 
 
-class PartitionVerifier:
-    """Recomputes one partition's chain from its events and compares it with the stored one."""
+@dataclass(frozen=True, slots=True)
+class CheckpointRow:
+    """A row of ``audit_checkpoints`` (of the partition being verified)."""
 
-    def __init__(self, partition: int) -> None:
+    seq: int
+    link: bytes
+    key_id: str
+    signature: bytes
+
+
+def check_signature(
+    partition: int, checkpoint: CheckpointRow, keys: Mapping[str, Ed25519PublicKey]
+) -> Problem | None:
+    """The problem with ``checkpoint``'s signature, ``None`` when it verifies."""
+    key = keys.get(checkpoint.key_id)
+    if key is None:
+        return Problem(
+            ProblemKind.UNKNOWN_SIGNING_KEY,
+            checkpoint.seq,
+            f"the checkpoint is signed by key {checkpoint.key_id!r}, which is not a trusted"
+            " public key",
+        )
+    if not verify_signature(key, partition, checkpoint.seq, checkpoint.link, checkpoint.signature):
+        return Problem(
+            ProblemKind.BAD_SIGNATURE,
+            checkpoint.seq,
+            f"the checkpoint's signature does not verify with key {checkpoint.key_id!r}:"
+            " it was forged or edited",
+        )
+    return None
+
+
+class PartitionVerifier:
+    """Recomputes one partition's chain from its events and compares it with the stored
+    links and the signed checkpoints.
+
+    ``start_seq`` and ``previous``: verify from ``start_seq`` on, trusting ``previous`` as
+    the link of ``start_seq - 1`` (the genesis link for 1; otherwise the link of a
+    checkpoint whose signature the caller verified).
+    """
+
+    def __init__(
+        self,
+        partition: int,
+        keys: Mapping[str, Ed25519PublicKey] | None = None,
+        *,
+        start_seq: int = 1,
+        previous: bytes = GENESIS_LINK,
+    ) -> None:
+        assert start_seq >= 1
+        assert start_seq > 1 or previous == GENESIS_LINK
         self.partition = partition
-        self._next_seq = 1
-        self._previous = GENESIS_LINK  # recomputed link of ``_next_seq - 1``
+        self._keys = keys if keys is not None else {}
+        self._start_seq = start_seq
+        self._next_seq = start_seq
+        self._previous = previous  # recomputed link of ``_next_seq - 1``
+        # Whether _previous is the link recomputed for seq _next_seq - 1 (false after a
+        # hole in the events log, when nothing later can be recomputed).
+        self._recomputing = True
+        self._signed_seq = start_seq - 1 if start_seq > 1 else 0
+        self._checkpoints_verified = 0
         self._events = 0
         self._verified = 0
         self._last_event_seq = 0
@@ -88,13 +159,20 @@ class PartitionVerifier:
         self._eventless_from: int | None = None
         self._problem: Problem | None = None
 
-    def observe(self, seq: int, body: bytes | None, chained: bytes | None) -> None:
-        """The event (``body``) and the chain row (``chained`` link) at ``seq``.
+    def observe(
+        self,
+        seq: int,
+        body: bytes | None,
+        chained: bytes | None,
+        checkpoint: CheckpointRow | None = None,
+    ) -> None:
+        """The event (``body``), the chain row (``chained`` link) and the checkpoint at
+        ``seq``.
 
-        Called once per seq present in either table, in increasing seq order; at least
-        one of the two is present.
+        Called once per seq present in any of the tables, in increasing seq order; at
+        least one of the three is present.
         """
-        assert body is not None or chained is not None
+        assert body is not None or chained is not None or checkpoint is not None
         if seq < 1:
             # Only a chain row can be here (events has CHECK (seq > 0)); it comes first in
             # seq order, before anything was checked.
@@ -116,10 +194,54 @@ class PartitionVerifier:
             self._last_chain_seq = seq
             self._last_chain_link = chained
         if self._problem is None:
-            self._check(seq, body, chained)
+            recomputed = self._recompute(seq, body)
+            self._check(seq, body, chained, checkpoint)
+            if self._problem is None and checkpoint is not None:
+                self._check_checkpoint(checkpoint, recomputed)
         self._next_seq = seq + 1
 
-    def _check(self, seq: int, body: bytes | None, chained: bytes | None) -> None:
+    def _recompute(self, seq: int, body: bytes | None) -> bytes | None:
+        """The link of ``seq`` recomputed from the events alone, when it can be."""
+        if body is None or seq != self._next_seq or not self._recomputing:
+            self._recomputing = False
+            return None
+        self._previous = link(self._previous, self.partition, seq, body)
+        return self._previous
+
+    def _check_checkpoint(self, checkpoint: CheckpointRow, recomputed: bytes | None) -> None:
+        problem = check_signature(self.partition, checkpoint, self._keys)
+        if problem is not None:
+            self._problem = problem
+            return
+        if recomputed is None:
+            # The events log has no event at the checkpoint's seq (or a hole before it).
+            if self._eventless_from is None:
+                self._eventless_from = checkpoint.seq
+            return
+        if recomputed != checkpoint.link:
+            self._fail(
+                ProblemKind.CHECKPOINT_MISMATCH,
+                checkpoint.seq,
+                "the link recomputed from the events log differs from the signed"
+                f" checkpoint at seq {checkpoint.seq}: events up to this seq (after the"
+                " previous checkpoint) were changed, and the audit chain rewritten to match",
+            )
+            return
+        self._signed_seq = checkpoint.seq
+        self._checkpoints_verified += 1
+
+    def _check(
+        self,
+        seq: int,
+        body: bytes | None,
+        chained: bytes | None,
+        checkpoint: CheckpointRow | None,
+    ) -> None:
+        if body is None and chained is None:
+            # Only a checkpoint: the events log (and the chain) end before a signed seq.
+            if self._eventless_from is None:
+                self._eventless_from = seq
+            return
         if self._eventless_from is not None:
             if body is not None:
                 self._fail(
@@ -147,13 +269,14 @@ class PartitionVerifier:
             )
             return
         if body is None:
-            self._eventless_from = seq
+            if chained is not None:
+                self._eventless_from = seq
             return
         if chained is None:
-            self._unchained_from = seq
+            if self._unchained_from is None:
+                self._unchained_from = seq
             return
-        expected = link(self._previous, self.partition, seq, body)
-        if expected != chained:
+        if self._previous != chained:
             self._fail(
                 ProblemKind.LINK_MISMATCH,
                 seq,
@@ -161,7 +284,6 @@ class PartitionVerifier:
                 " or events were reordered or inserted, after the auditor chained it",
             )
             return
-        self._previous = expected
         self._verified += 1
 
     def finish(self, head: HeadRow | None) -> PartitionReport:
@@ -170,14 +292,21 @@ class PartitionVerifier:
             self._fail(
                 ProblemKind.TRUNCATED_TAIL,
                 self._eventless_from,
-                f"the events log ends at seq {self._last_event_seq} but the audit chain"
-                f" continues to seq {self._last_chain_seq}: events at the end were deleted",
+                f"the events log ends at seq {self._last_event_seq} but the audit chain or"
+                f" a signed checkpoint covers seq {self._eventless_from} and later: events"
+                " at the end were deleted",
             )
         if self._problem is None:
             self._check_head(head)
         not_yet_audited = self._events - self._verified if self._problem is None else 0
         return PartitionReport(
-            self.partition, self._events, self._verified, not_yet_audited, self._problem
+            self.partition,
+            self._events,
+            self._verified,
+            not_yet_audited,
+            self._problem,
+            self._signed_seq,
+            self._checkpoints_verified,
         )
 
     def _check_head(self, head: HeadRow | None) -> None:
@@ -204,6 +333,12 @@ class PartitionVerifier:
                 f" last row (seq {self._last_chain_seq})",
             )
 
+    def fail_with(self, problem: Problem) -> None:
+        """Record a problem found outside the walk (the start checkpoint's signature)."""
+        if self._problem is None:
+            self._problem = problem
+
     def _fail(self, kind: ProblemKind, seq: int, reason: str) -> None:
+        """Record the partition's first problem (later ones are not reported)."""
         assert self._problem is None
         self._problem = Problem(kind, seq, reason)

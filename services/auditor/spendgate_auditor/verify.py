@@ -1,11 +1,14 @@
 """Verification: recompute every partition's chain from the ledger's event log.
 
-:func:`verify` reads ``events`` and ``audit_chain`` in one read-only, repeatable-read
-transaction (one consistent snapshot while the ledger and the auditor keep writing),
-streaming both in ``(partition, seq)`` order through server-side cursors, so memory stays
-bounded by one page per table whatever the size of the log. Each partition is checked by
-the pure :class:`~spendgate_auditor._verifier.PartitionVerifier`; docs/audit.md lists what
-each problem means.
+:func:`verify` reads ``events``, ``audit_chain`` and ``audit_checkpoints`` in one
+read-only, repeatable-read transaction (one consistent snapshot while the ledger and the
+auditor keep writing), streaming them in ``(partition, seq)`` order through server-side
+cursors, so memory stays bounded by one page per table whatever the size of the log.
+Each partition is checked by the pure
+:class:`~spendgate_auditor._verifier.PartitionVerifier`, which recomputes the links from
+the event bodies and checks every checkpoint's Ed25519 signature with the trusted public
+keys: those in ``audit_signing_keys``, or only the ones the caller pins
+(``trusted_keys``). docs/audit.md lists what each problem means.
 
 :func:`verify_main` is the command-line form (``spendgate audit verify``).
 """
@@ -14,19 +17,31 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncpg
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from spendgate_auditor._chain import LINK_BYTES
+from spendgate_auditor._signing import (
+    PUBLIC_KEY_BYTES,
+    SigningKeyError,
+    key_id_of,
+    parse_public_key,
+)
 from spendgate_auditor._verifier import (
+    CheckpointRow,
     HeadRow,
     PartitionReport,
     PartitionVerifier,
     Problem,
     ProblemKind,
+    check_signature,
 )
 from spendgate_common.errors import StoreUnavailableError
 from spendgate_common.pg import translate_errors
@@ -40,6 +55,7 @@ __all__ = [
     "ProblemKind",
     "VerifyReport",
     "format_report",
+    "load_trusted_keys",
     "verify",
     "verify_main",
 ]
@@ -81,8 +97,32 @@ class VerifyReport:
         return sum(report.not_yet_audited for report in self.partitions)
 
 
-async def verify(database_url: str, *, partition: int | None = None) -> VerifyReport:
+TrustedKeys = Mapping[str, Ed25519PublicKey]
+
+
+def trusted_keys_of(public_keys: list[bytes]) -> dict[str, Ed25519PublicKey]:
+    """Raw 32-byte Ed25519 public keys by their key id."""
+    keys: dict[str, Ed25519PublicKey] = {}
+    for raw in public_keys:
+        assert len(raw) == PUBLIC_KEY_BYTES, len(raw)
+        keys[key_id_of(raw)] = Ed25519PublicKey.from_public_bytes(raw)
+    return keys
+
+
+async def verify(
+    database_url: str,
+    *,
+    partition: int | None = None,
+    from_seq: int | None = None,
+    trusted_keys: TrustedKeys | None = None,
+) -> VerifyReport:
     """Verify every partition's chain (or only ``partition``) against the events log.
+
+    ``from_seq``: verify each partition from the newest checkpoint before ``from_seq``
+    on (its signature checked, its link trusted), so at least from ``from_seq``; from
+    seq 1 when there is no such checkpoint. ``trusted_keys``: the public keys whose
+    signatures count; ``None`` trusts every key in ``audit_signing_keys`` (whoever can
+    write to Postgres can add one: pin the keys to be safe from that).
 
     Raises ``StoreUnavailableError`` when Postgres cannot be reached or fails mid-way,
     and asyncpg's ``UndefinedTableError`` when the database has no Spendgate schema.
@@ -98,64 +138,152 @@ async def verify(database_url: str, *, partition: int | None = None) -> VerifyRe
             translate_errors("verify"),
             connection.transaction(isolation="repeatable_read", readonly=True),
         ):
-            return await _verify_snapshot(connection, partition)
+            keys = trusted_keys
+            if keys is None:
+                keys = trusted_keys_of(await _stored_public_keys(connection))
+            return await _verify_snapshot(connection, partition, from_seq, keys)
     finally:
         await connection.close()
 
 
+async def _stored_public_keys(connection: asyncpg.Connection[Any]) -> list[bytes]:
+    rows = await connection.fetch("SELECT public_key FROM audit_signing_keys")
+    # A malformed stored key cannot verify anything; leaving it out reports its
+    # checkpoints as signed by an unknown key.
+    return [bytes(row[0]) for row in rows if len(row[0]) == PUBLIC_KEY_BYTES]
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """Where a partition's verification starts: ``seq``, trusting ``previous`` before it."""
+
+    seq: int
+    previous: bytes
+    problem: Problem | None = None
+
+
+async def _starts(
+    connection: asyncpg.Connection[Any],
+    partition: int | None,
+    from_seq: int,
+    keys: TrustedKeys,
+) -> dict[int, _Start]:
+    """Per partition, the newest checkpoint before ``from_seq`` as the trusted start."""
+    rows = await connection.fetch(
+        "SELECT DISTINCT ON (partition) partition, seq, link, key_id, signature"
+        " FROM audit_checkpoints WHERE seq < $1 AND ($2::int IS NULL OR partition = $2)"
+        " ORDER BY partition, seq DESC",
+        from_seq,
+        partition,
+    )
+    starts: dict[int, _Start] = {}
+    for row in rows:
+        checkpoint = CheckpointRow(row[1], bytes(row[2]), row[3], bytes(row[4]))
+        problem = None
+        if len(checkpoint.link) != LINK_BYTES:
+            problem = Problem(ProblemKind.BAD_SIGNATURE, checkpoint.seq, "malformed checkpoint")
+        else:
+            problem = check_signature(row[0], checkpoint, keys)
+        starts[row[0]] = _Start(checkpoint.seq + 1, checkpoint.link, problem)
+    return starts
+
+
 async def _verify_snapshot(
-    connection: asyncpg.Connection[Any], partition: int | None
+    connection: asyncpg.Connection[Any],
+    partition: int | None,
+    from_seq: int | None,
+    keys: TrustedKeys,
 ) -> VerifyReport:
-    where, arguments = ("", ()) if partition is None else (" WHERE partition = $1", (partition,))
+    starts = {} if from_seq is None else await _starts(connection, partition, from_seq, keys)
+    where, arguments = _where(partition, starts)
     heads = {
         row["partition"]: HeadRow(row["seq"], bytes(row["link"]))
         for row in await connection.fetch(
-            f"SELECT partition, seq, link FROM audit_heads{where}",  # noqa: S608 (constant)
-            *arguments,
+            "SELECT partition, seq, link FROM audit_heads WHERE $1::int IS NULL OR partition = $1",
+            partition,
         )
     }
-    events = _rows(
-        connection,
-        f"SELECT partition, seq, body FROM events{where} ORDER BY partition, seq",  # noqa: S608
-        arguments,
-    )
-    chain = _rows(
-        connection,
-        f"SELECT partition, seq, link FROM audit_chain{where} ORDER BY partition, seq",  # noqa: S608
-        arguments,
-    )
+    tables = [
+        _rows(connection, "events", "body", where, arguments),
+        _rows(connection, "audit_chain", "link", where, arguments),
+        _checkpoint_rows(connection, where, arguments),
+    ]
     reports: list[PartitionReport] = []
     verifier: PartitionVerifier | None = None
-    event = await anext(events, None)
-    chained = await anext(chain, None)
-    while event is not None or chained is not None:
-        key = min(row[:2] for row in (event, chained) if row is not None)
+    current: list[tuple[int, int, Any] | None] = [await anext(table, None) for table in tables]
+    while any(row is not None for row in current):
+        key = min(row[:2] for row in current if row is not None)
         if verifier is None or verifier.partition != key[0]:
             if verifier is not None:
                 reports.append(verifier.finish(heads.pop(verifier.partition, None)))
-            verifier = PartitionVerifier(key[0])
-        body = event[2] if event is not None and event[:2] == key else None
-        link = chained[2] if chained is not None and chained[:2] == key else None
-        verifier.observe(key[1], body, link)
-        if body is not None:
-            event = await anext(events, None)
-        if link is not None:
-            chained = await anext(chain, None)
+            verifier = _verifier(key[0], starts, keys)
+        at_key = [row[2] if row is not None and row[:2] == key else None for row in current]
+        verifier.observe(key[1], at_key[0], at_key[1], at_key[2])
+        for index, value in enumerate(at_key):
+            if value is not None:
+                current[index] = await anext(tables[index], None)
     if verifier is not None:
         reports.append(verifier.finish(heads.pop(verifier.partition, None)))
     # Heads of partitions without any row: fine at seq 0, a deleted chain otherwise.
     for head_partition, head in heads.items():
-        if head.seq > 0:
-            reports.append(PartitionVerifier(head_partition).finish(head))
+        if head.seq > 0 and head_partition not in starts:
+            reports.append(PartitionVerifier(head_partition, keys).finish(head))
     return VerifyReport(tuple(sorted(reports, key=lambda report: report.partition)))
 
 
+def _verifier(partition: int, starts: Mapping[int, _Start], keys: TrustedKeys) -> PartitionVerifier:
+    start = starts.get(partition)
+    if start is None:
+        return PartitionVerifier(partition, keys)
+    verifier = PartitionVerifier(partition, keys, start_seq=start.seq, previous=start.previous)
+    if start.problem is not None:
+        verifier.fail_with(start.problem)
+    return verifier
+
+
+def _where(partition: int | None, starts: Mapping[int, _Start]) -> tuple[str, tuple[Any, ...]]:
+    """What follows ``FROM <table> AS t`` to select the rows to verify, and its arguments."""
+    if starts:
+        ordered = sorted(starts)
+        clause = (
+            " LEFT JOIN unnest($1::int[], $2::bigint[]) AS s(partition, seq)"
+            " ON t.partition = s.partition WHERE t.seq >= coalesce(s.seq, 1)"
+        )
+        arguments: tuple[Any, ...] = (ordered, [starts[p].seq for p in ordered])
+        if partition is None:
+            return clause, arguments
+        return clause + " AND t.partition = $3", (*arguments, partition)
+    if partition is None:
+        return "", ()
+    return " WHERE t.partition = $1", (partition,)
+
+
 async def _rows(
-    connection: asyncpg.Connection[Any], query: str, arguments: tuple[int, ...]
+    connection: asyncpg.Connection[Any],
+    table: str,
+    column: str,
+    where: str,
+    arguments: tuple[Any, ...],
 ) -> AsyncIterator[tuple[int, int, bytes]]:
-    """``(partition, seq, bytes)`` rows of ``query``, a page at a time, in query order."""
+    """``(partition, seq, bytes)`` rows of ``table``, a page at a time, in key order."""
+    query = (
+        f"SELECT t.partition, t.seq, t.{column} FROM {table} AS t{where}"  # noqa: S608 (constants)
+        " ORDER BY t.partition, t.seq"
+    )
     async for row in connection.cursor(query, *arguments, prefetch=VERIFY_PAGE_ROWS):
         yield row[0], row[1], bytes(row[2])
+
+
+async def _checkpoint_rows(
+    connection: asyncpg.Connection[Any], where: str, arguments: tuple[Any, ...]
+) -> AsyncIterator[tuple[int, int, CheckpointRow]]:
+    query = (
+        "SELECT t.partition, t.seq, t.link, t.key_id, t.signature"  # noqa: S608 (constants)
+        f" FROM audit_checkpoints AS t{where} ORDER BY t.partition, t.seq"
+    )
+    async for row in connection.cursor(query, *arguments, prefetch=VERIFY_PAGE_ROWS):
+        link = bytes(row[2])
+        yield row[0], row[1], CheckpointRow(row[1], link, row[3], bytes(row[4]))
 
 
 def format_report(report: VerifyReport) -> list[str]:
@@ -168,15 +296,15 @@ def format_report(report: VerifyReport) -> list[str]:
                 f"partition {partition.partition}: BROKEN at seq {problem.seq}"
                 f" ({problem.kind}): {problem.reason}"
             )
-        elif partition.not_yet_audited:
-            lines.append(
-                f"partition {partition.partition}: OK, {partition.verified} events verified,"
-                f" {partition.not_yet_audited} not yet audited"
-            )
+            continue
+        line = f"partition {partition.partition}: OK, {partition.verified} events verified"
+        if partition.signed_seq:
+            line += f", signed to seq {partition.signed_seq}"
         else:
-            lines.append(
-                f"partition {partition.partition}: OK, {partition.verified} events verified"
-            )
+            line += ", not signed yet"
+        if partition.not_yet_audited:
+            line += f", {partition.not_yet_audited} not yet audited"
+        lines.append(line)
     if report.ok:
         verdict = f"OK: {report.verified} events in {len(report.partitions)} partitions verified"
         if report.not_yet_audited:
@@ -191,15 +319,77 @@ def format_report(report: VerifyReport) -> list[str]:
     return lines
 
 
-def verify_main(database_url: str, *, partition: int | None = None) -> int:
+class TrustedKeysError(ValueError):
+    """A file of trusted public keys that cannot be read."""
+
+
+def load_trusted_keys(path: Path) -> dict[str, Ed25519PublicKey]:
+    """Public keys to trust, from a file: the JSON of ``GET /v1/audit/keys`` (its
+    ``keys[].public_key``), or PEM blocks / base64 raw keys, one per line."""
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise TrustedKeysError(f"cannot read {path}: {error}") from None
+    try:
+        if text.lstrip().startswith("{"):
+            document = msgspec.json.decode(text.encode("utf-8"), type=_KeysDocument)
+            raws = [parse_public_key(key.public_key) for key in document.keys]
+        else:
+            raws = [parse_public_key(block) for block in _key_blocks(text)]
+    except (msgspec.DecodeError, SigningKeyError) as error:
+        raise TrustedKeysError(f"{path}: {error}") from None
+    if not raws:
+        raise TrustedKeysError(f"{path} holds no public key")
+    return trusted_keys_of(raws)
+
+
+class _PublicKeyEntry(msgspec.Struct):
+    public_key: str
+
+
+class _KeysDocument(msgspec.Struct):
+    keys: list[_PublicKeyEntry]
+
+
+def _key_blocks(text: str) -> list[str]:
+    blocks: list[str] = []
+    pem: list[str] | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if pem is not None:
+            pem.append(stripped)
+            if stripped.startswith("-----END"):
+                blocks.append("\n".join(pem))
+                pem = None
+        elif stripped.startswith("-----BEGIN"):
+            pem = [stripped]
+        elif stripped and not stripped.startswith("#"):
+            blocks.append(stripped)
+    return blocks
+
+
+def verify_main(
+    database_url: str,
+    *,
+    partition: int | None = None,
+    from_seq: int | None = None,
+    public_keys: Path | None = None,
+) -> int:
     """Run :func:`verify`, print its report to stdout; return the process exit status.
 
     0: every chain verified (events not yet audited are listed, not failures); 1: a chain
     is broken; 2 (``EXIT_CODE_UNVERIFIED``): verification could not run, with the reason
-    on stderr. Must be called outside a running event loop.
+    on stderr. ``public_keys``: a file of the only public keys to trust (see
+    :func:`load_trusted_keys`). Must be called outside a running event loop.
     """
     try:
-        report = asyncio.run(verify(database_url, partition=partition))
+        keys = load_trusted_keys(public_keys) if public_keys is not None else None
+        report = asyncio.run(
+            verify(database_url, partition=partition, from_seq=from_seq, trusted_keys=keys)
+        )
+    except TrustedKeysError as error:
+        print(f"ERROR: cannot verify: {error}", file=sys.stderr)
+        return EXIT_CODE_UNVERIFIED
     except StoreUnavailableError as error:
         print(f"ERROR: cannot verify: {error}", file=sys.stderr)
         return EXIT_CODE_UNVERIFIED
@@ -211,4 +401,6 @@ def verify_main(database_url: str, *, partition: int | None = None) -> int:
         return EXIT_CODE_UNVERIFIED
     for line in format_report(report):
         print(line)
+    if keys is not None:
+        print(f"signatures checked against {len(keys)} pinned public keys", file=sys.stderr)
     return 0 if report.ok else 1

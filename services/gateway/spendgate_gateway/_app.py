@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from spendgate_common import nats_adapter
 from spendgate_common.errors import SpendgateError
+from spendgate_gateway._audit_api import audit_router
 from spendgate_gateway._control import (
     ControlPlane,
     CreateBudgetRequest,
@@ -179,6 +180,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def close_budget(request: Request, budget_id: str, tenant: str = "default") -> Response:
         """Close a budget: it stops applying; its open holds still settle into it."""
         return await control().close_budget(request)
+
+    app.include_router(audit_router(settings, holder))
 
     @app.api_route("/{vendor}/{path:path}", methods=PROXY_METHODS, tags=["proxy"])
     async def proxy_call(request: Request, vendor: str, path: str) -> Response:
