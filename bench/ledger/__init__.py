@@ -17,4 +17,9 @@ commands per NATS request exactly as the gateway does (they use the gateway's
 
 It prints a table, checks the acceptance criterion of the ledger issue, and writes JSON
 to ``bench/results/ledger-<timestamp>.json`` and ``bench/results/ledger-latest.json``.
+
+``python -m bench.ledger.footprint`` measures, against the same system, what a reservation
+costs in bytes (Postgres table, index, WAL; JetStream), memory (ledger and NATS), CPU when
+batches are small, and the time to recover a partition: the sizing figures of
+docs/deploy.md (see :mod:`bench.ledger.footprint`).
 """

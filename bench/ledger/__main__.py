@@ -4,38 +4,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-import asyncpg
-
-from bench.ledger import _cpu, _report
-from bench.ledger._cluster import Cluster
+from bench.ledger import _common, _cpu, _report
+from bench.ledger._cluster import POSTGRES_SETTINGS, Cluster
+from bench.ledger._common import (
+    RESULTS_DIR,
+    env_pair,
+    positive_ints,
+    progress,
+    setting_pair,
+    split,
+)
 from bench.ledger._load import (
     AnyJob,
     BaselineJob,
-    JobResult,
     KeySpec,
     LedgerClosedJob,
     LedgerOpenJob,
-    StopJob,
     Window,
-    decode_result,
-    encode,
-    worker_main,
 )
+from bench.ledger._workers import WorkerPool
 
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 # Time between handing out a job and its start: workers connect (and the baseline opens
 # its pool) meanwhile, so that every worker starts at the same instant.
 JOB_LEAD_S = 1.5
@@ -47,40 +41,6 @@ OPEN_LOOP_OUTSTANDING_MAX = 20_000
 RESULT_DEADLINE_S = 60.0
 PARTITIONS_BUSY = 8
 AMOUNT_MICROS = 1_000  # 0.1 cent per reserve and commit
-
-
-def _positive_ints(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or any(value <= 0 for value in values):
-        raise argparse.ArgumentTypeError("expected positive integers separated by commas")
-    return values
-
-
-def _env_pair(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name.startswith("SPENDGATE_"):
-        raise argparse.ArgumentTypeError("expected SPENDGATE_NAME=value")
-    return name, value
-
-
-def _setting_pair(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name.replace("_", "").isalnum():
-        raise argparse.ArgumentTypeError("expected name=value")
-    return name, value
-
-
-# Postgres settings of the benchmark's cluster. Durability stays on (fsync,
-# synchronous_commit, full_page_writes: their defaults); these only keep the WAL from
-# stalling commits under a sustained 10+ MB/s: new WAL segments are not zero-filled
-# first (a 16 MB write and fsync every ~1.5 s, which stalled commits for tens of ms),
-# fewer checkpoints, and a WAL buffer that holds a large batch.
-POSTGRES_SETTINGS = {
-    "wal_init_zero": "off",
-    "max_wal_size": "4GB",
-    "min_wal_size": "1GB",
-    "wal_buffers": "16MB",
-}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -99,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     parser.add_argument(
         "--levels",
-        type=_positive_ints,
+        type=positive_ints,
         default=[16, 64, 256, 1024],
         help="outstanding pairs (and baseline requests) per closed-loop run, comma-separated",
     )
@@ -126,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=1, help="ledger processes (1 owns all)")
     parser.add_argument(
         "--ledger-env",
-        type=_env_pair,
+        type=env_pair,
         action="append",
         default=[],
         metavar="SPENDGATE_NAME=value",
@@ -134,7 +94,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--postgres-setting",
-        type=_setting_pair,
+        type=setting_pair,
         action="append",
         default=[],
         metavar="name=value",
@@ -157,52 +117,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _progress(message: str, *, started: float) -> None:
-    print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def _split(total: int, parts: int) -> list[int]:
-    """``total`` spread over ``parts`` as evenly as whole numbers allow (zeros dropped)."""
-    shares = [total // parts + (1 if index < total % parts else 0) for index in range(parts)]
-    return [share for share in shares if share > 0]
-
-
-@dataclass(slots=True)
-class _Worker:
-    process: BaseProcess
-    connection: Connection
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, cluster: Cluster, started: float) -> None:
         self.args = args
         self.cluster = cluster
         self.started = started
-        self.workers: list[_Worker] = []
+        self.workers: WorkerPool | None = None
         self.measurements: list[_report.Measurement] = []
 
     def progress(self, message: str) -> None:
-        _progress(message, started=self.started)
+        progress(message, started=self.started)
 
     def start_workers(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        for index in range(self.args.clients):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(
-                target=worker_main, args=(child_end,), name=f"bench-client-{index}", daemon=True
-            )
-            process.start()
-            child_end.close()
-            self.workers.append(_Worker(process, parent_end))
+        self.workers = WorkerPool(self.args.clients)
 
     def stop_workers(self) -> None:
-        for worker in self.workers:
-            if worker.process.is_alive():
-                worker.connection.send_bytes(encode(StopJob()))
-        for worker in self.workers:
-            worker.process.join(timeout=10)
-            if worker.process.is_alive():
-                worker.process.kill()
+        if self.workers is not None:
+            self.workers.stop()
+
+    @property
+    def pool(self) -> WorkerPool:
+        assert self.workers is not None, "start_workers() first"
+        return self.workers
 
     def window(self) -> Window:
         start_at = time.monotonic() + JOB_LEAD_S
@@ -219,20 +155,13 @@ class Bench:
         target_rate_per_s: float | None = None,
     ) -> _report.Measurement:
         """Hand one job to each of the first ``len(jobs)`` workers; sample CPU; collect."""
-        workers = self.workers[: len(jobs)]
-        for worker, job in zip(workers, jobs, strict=True):
-            worker.connection.send_bytes(encode(job))
         components = self.cluster.process_ids()
-        components["clients"] = [w.process.pid for w in workers if w.process.pid is not None]
+        components["clients"] = self.pool.send(jobs)
         time.sleep(max(0.0, window.begin_at - time.monotonic()))
         before = _cpu.sample(components, with_children={"postgres"})
         time.sleep(max(0.0, window.end_at - time.monotonic()))
         after = _cpu.sample(components, with_children={"postgres"})
-        results: list[JobResult] = []
-        for worker in workers:
-            if not worker.connection.poll(RESULT_DEADLINE_S):
-                raise TimeoutError(f"{worker.process.name} sent no result")
-            results.append(decode_result(worker.connection.recv_bytes()))
+        results = self.pool.collect(len(jobs), RESULT_DEADLINE_S)
         measurement = _report.Measurement.of(
             kind,
             concurrency=concurrency,
@@ -256,15 +185,15 @@ class Bench:
                 inflight_max=self.args.client_inflight,
                 window=window,
             )
-            for share in _split(concurrency, len(self.workers))
+            for share in split(concurrency, len(self.pool))
         ]
         measurement = self.run(kind, concurrency, jobs, window)
         self.progress(f"{kind}, {concurrency} outstanding: {measurement.summary()}")
 
     def baseline(self, concurrency: int) -> None:
         window = self.window()
-        pool_sizes = _split(min(concurrency, BASELINE_CONNECTIONS_MAX), len(self.workers))
-        shares = _split(concurrency, len(pool_sizes))
+        pool_sizes = split(min(concurrency, BASELINE_CONNECTIONS_MAX), len(self.pool))
+        shares = split(concurrency, len(pool_sizes))
         jobs = [
             BaselineJob(
                 database_url=self.cluster.database_url,
@@ -285,49 +214,16 @@ class Bench:
                 nats_url=self.cluster.nats_server.url,
                 partition_count=self.cluster.partition_count,
                 keys=keys,
-                rate_per_s=rate_per_s / len(self.workers),
+                rate_per_s=rate_per_s / len(self.pool),
                 outstanding_max=OPEN_LOOP_OUTSTANDING_MAX,
                 amount_micros=AMOUNT_MICROS,
                 inflight_max=self.args.client_inflight,
                 window=window,
             )
-            for _ in self.workers
+            for _ in range(len(self.pool))
         ]
         measurement = self.run("open", 0, jobs, window, target_rate_per_s=round(rate_per_s, 1))
         self.progress(f"open loop at {rate_per_s:,.0f} pairs/s: {measurement.summary()}")
-
-
-async def _postgres_settings(database_url: str) -> dict[str, object]:
-    connection = await asyncpg.connect(database_url)
-    try:
-        names = (
-            "fsync",
-            "synchronous_commit",
-            "full_page_writes",
-            "wal_sync_method",
-            "wal_init_zero",
-            "max_wal_size",
-            "wal_buffers",
-            "shared_buffers",
-        )
-        return {name: await connection.fetchval(f"SHOW {name}") for name in names}
-    finally:
-        await connection.close()
-
-
-def _git_revision() -> str:
-    try:
-        described = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return described.stdout.strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -335,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     skip = {part.strip() for part in args.skip.split(",") if part.strip()}
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    _progress("starting NATS, Postgres (durable) and the ledger", started=started)
+    progress("starting NATS, Postgres (durable) and the ledger", started=started)
     postgres_overrides = POSTGRES_SETTINGS | dict(args.postgres_setting)
     cluster = Cluster.start(args.partitions, dict(args.ledger_env), postgres_overrides)
     bench = Bench(args, cluster, started)
@@ -346,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         busy_tenants = cluster.tenants_in_distinct_partitions(PARTITIONS_BUSY, "bench-busy")
         [hot_key] = asyncio.run(cluster.issue_keys(hot_tenant))
         busy_keys = asyncio.run(cluster.issue_keys(busy_tenants))
-        postgres_settings = asyncio.run(_postgres_settings(cluster.database_url))
+        postgres_settings = _common.postgres_settings(cluster.database_url)
         bench.progress(f"postgres: {postgres_settings}")
         bench.start_workers()
         for level in args.levels:
@@ -390,13 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "amount_micros": AMOUNT_MICROS,
             "baseline_connections_max": BASELINE_CONNECTIONS_MAX,
         },
-        environment={
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "git": _git_revision(),
-            "postgres": postgres_settings,
-        },
+        environment=_common.environment(postgres_settings),
         measurements=bench.measurements,
         acceptance=verdict,
         checks=checks,

@@ -31,9 +31,13 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def _cpu_s(fields: Sequence[str]) -> float:
-    # After the name: fields[11] is utime and fields[12] stime (stat fields 14 and 15).
-    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+def _cpu_s(fields: Sequence[str], *, reaped: bool = False) -> float:
+    # After the name: fields[11] is utime and fields[12] stime (stat fields 14 and 15);
+    # fields[13] and fields[14] are cutime and cstime (16, 17): children waited for.
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / _TICKS_PER_S
 
 
 def _children(parents: set[int]) -> list[int]:
@@ -58,8 +62,17 @@ def _machine_busy_s() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS_PER_S
 
 
-def sample(components: Mapping[str, Sequence[int]], *, with_children: set[str]) -> CpuSample:
-    """CPU seconds so far of every process of every component (children where asked)."""
+def sample(
+    components: Mapping[str, Sequence[int]],
+    *,
+    with_children: set[str],
+    with_reaped: frozenset[str] = frozenset(),
+) -> CpuSample:
+    """CPU seconds so far of every process of every component (children where asked).
+
+    ``with_reaped``: components whose own processes also count the children they have
+    waited for (the ledger's snapshot forks, which live too briefly to be sampled).
+    """
     result: CpuSample = {"machine": {0: _machine_busy_s()}}
     for name, pids in components.items():
         every = list(pids)
@@ -69,20 +82,25 @@ def sample(components: Mapping[str, Sequence[int]], *, with_children: set[str]) 
         for pid in every:
             fields = _stat_fields(pid)
             if fields is not None:
-                times[pid] = _cpu_s(fields)
+                times[pid] = _cpu_s(fields, reaped=name in with_reaped and pid in pids)
         result[name] = times
     return result
 
 
-def cores_used(before: CpuSample, after: CpuSample, wall_s: float) -> dict[str, float]:
-    """Cores each component used between two samples, and ``other`` (see the module)."""
+def seconds_used(before: CpuSample, after: CpuSample) -> dict[str, float]:
+    """CPU seconds each component (and ``machine``: every core) used between two samples."""
     used = {}
     for name, times in after.items():
         earlier = before.get(name, {})
         # A process that started after the first sample (a new Postgres backend) counts
         # with all its time; one that ended before the second is missed (rare here).
-        spent = sum(cpu_s - earlier.get(pid, 0.0) for pid, cpu_s in times.items())
-        used[name] = round(spent / wall_s, 3)
+        used[name] = sum(cpu_s - earlier.get(pid, 0.0) for pid, cpu_s in times.items())
+    return used
+
+
+def cores_used(before: CpuSample, after: CpuSample, wall_s: float) -> dict[str, float]:
+    """Cores each component used between two samples, and ``other`` (see the module)."""
+    used = {name: round(spent / wall_s, 3) for name, spent in seconds_used(before, after).items()}
     machine = used.pop("machine")
     used["other"] = round(max(0.0, machine - sum(used.values())), 3)
     return used

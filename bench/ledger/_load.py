@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -85,6 +86,24 @@ class LedgerOpenJob(msgspec.Struct, frozen=True, tag="ledger_open"):
     window: Window
 
 
+class LedgerCountJob(msgspec.Struct, frozen=True, tag="ledger_count"):
+    """``concurrency`` coroutines doing reserve+commit pairs until ``pairs`` were sent.
+
+    With ``idempotency_keys`` every reserve carries its own idempotency key (a UUID, 36
+    characters, as the ``Idempotency-Key`` header usually holds), so the ledger remembers
+    an answer per reservation; without, it remembers only the settled reservation ids.
+    """
+
+    nats_url: str
+    partition_count: int
+    keys: list[KeySpec]
+    pairs: int
+    concurrency: int
+    amount_micros: int
+    inflight_max: int
+    idempotency_keys: bool
+
+
 class BaselineJob(msgspec.Struct, frozen=True, tag="baseline"):
     """``concurrency`` coroutines sending the conditional UPDATE through a pool."""
 
@@ -99,7 +118,7 @@ class StopJob(msgspec.Struct, frozen=True, tag="stop"):
     pass
 
 
-AnyJob = LedgerClosedJob | LedgerOpenJob | BaselineJob | StopJob
+AnyJob = LedgerClosedJob | LedgerOpenJob | LedgerCountJob | BaselineJob | StopJob
 
 
 class JobResult(msgspec.Struct):
@@ -146,12 +165,14 @@ def worker_main(connection: Connection) -> None:
         connection.send_bytes(encode(result))
 
 
-async def _run(job: LedgerClosedJob | LedgerOpenJob | BaselineJob) -> JobResult:
+async def _run(job: LedgerClosedJob | LedgerOpenJob | LedgerCountJob | BaselineJob) -> JobResult:
     match job:
         case LedgerClosedJob():
             return await _ledger_closed(job)
         case LedgerOpenJob():
             return await _ledger_open(job)
+        case LedgerCountJob():
+            return await _ledger_count(job)
         case BaselineJob():
             return await _baseline(job)
 
@@ -288,6 +309,31 @@ async def _ledger_open(job: LedgerOpenJob) -> JobResult:
             await _sleep_until(next_at)
         if outstanding:
             await asyncio.wait(outstanding, timeout=DRAIN_DEADLINE.total_seconds())
+    finally:
+        await client.close()
+        await connection.close()
+    return tally.result()
+
+
+async def _ledger_count(job: LedgerCountJob) -> JobResult:
+    connection, client = await _connect_ledger(job.nats_url, job.partition_count, job.inflight_max)
+    # Counts everything: the window is "always".
+    tally = _Tally(Window(0.0, 0.0, float("inf")))
+    sent = 0
+
+    async def pairs_in_a_row(reserve: Reserve) -> None:
+        nonlocal sent
+        while sent < job.pairs:
+            sent += 1
+            if job.idempotency_keys:
+                reserve = msgspec.structs.replace(reserve, idempotency_key=str(uuid.uuid4()))
+            await _pair(client, reserve, time.monotonic(), tally)
+
+    reserves = [_reserve(key, job.amount_micros) for key in job.keys]
+    try:
+        await asyncio.gather(
+            *(pairs_in_a_row(reserves[index % len(reserves)]) for index in range(job.concurrency))
+        )
     finally:
         await client.close()
         await connection.close()

@@ -1,0 +1,192 @@
+"""Counters of the running system at one instant: bytes on disk, WAL, stream, memory, CPU.
+
+Two probes taken around a workload give what the workload cost: Postgres table and index
+bytes of ``events`` and ``snapshots``, WAL bytes (``pg_wal_lsn_diff``), JetStream messages
+and bytes of ``SPENDGATE_EVENTS`` (as the stream reports them and as files on disk), the
+resident memory of the ledger and NATS processes, and CPU seconds per component.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import nats
+
+from bench.ledger import _cpu
+from spendgate_common.subjects import EVENTS_STREAM
+
+# Pause between two looks while waiting for the relay to publish everything.
+DRAIN_POLL_S = 0.25
+
+
+class Counters(msgspec.Struct, frozen=True):
+    """What one probe read (sizes in bytes; ``wal_lsn`` as Postgres writes it)."""
+
+    events: int  # sum of the partitions' last_seq: events in the log
+    published: int  # sum of the relays' watermarks
+    events_total_bytes: int  # pg_total_relation_size('events'): heap, TOAST and indexes
+    events_heap_bytes: int
+    events_index_bytes: int
+    snapshots_total_bytes: int
+    database_bytes: int
+    wal_lsn: str
+    stream_messages: int
+    stream_bytes: int
+    stream_file_bytes: int  # the stream's files under the NATS store directory
+    ledger_rss_bytes: int
+    nats_rss_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    counters: Counters
+    cpu: _cpu.CpuSample
+    at: float  # time.monotonic()
+
+
+async def _postgres_counters(database_url: str) -> dict[str, object]:
+    connection = await asyncpg.connect(database_url)
+    try:
+        row = await connection.fetchrow(
+            "SELECT (SELECT coalesce(sum(last_seq), 0)::bigint FROM partition_leases) AS events,"
+            " (SELECT coalesce(sum(published_seq), 0)::bigint FROM outbox_watermarks) AS published,"
+            " pg_total_relation_size('events') AS events_total_bytes,"
+            " pg_relation_size('events') AS events_heap_bytes,"
+            " pg_indexes_size('events') AS events_index_bytes,"
+            " pg_total_relation_size('snapshots') AS snapshots_total_bytes,"
+            " pg_database_size(current_database()) AS database_bytes,"
+            " pg_current_wal_lsn()::text AS wal_lsn"
+        )
+    finally:
+        await connection.close()
+    assert row is not None
+    return dict(row.items())
+
+
+async def _stream_counters(nats_url: str) -> tuple[int, int]:
+    connection = await nats.connect(nats_url, connect_timeout=5)
+    try:
+        info = await connection.jetstream().stream_info(EVENTS_STREAM)
+    finally:
+        await connection.close()
+    return info.state.messages, info.state.bytes
+
+
+def _stream_file_bytes(nats_store: Path) -> int:
+    return sum(
+        path.stat().st_size
+        for directory in nats_store.rglob(EVENTS_STREAM)
+        if directory.is_dir()
+        for path in directory.rglob("*")
+        if path.is_file()
+    )
+
+
+def _rss(pid: int) -> int:
+    """Resident set size of a process (``VmRSS`` in ``/proc/<pid>/status``), 0 if gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def take(
+    *,
+    database_url: str,
+    nats_url: str,
+    nats_store: Path,
+    components: Mapping[str, Sequence[int]],
+) -> Probe:
+    """Read every counter now. ``components``: pids by name (``ledger``, ``nats``, ...);
+    the ledger's counts its reaped children (snapshot forks), Postgres its live ones."""
+    cpu = _cpu.sample(components, with_children={"postgres"}, with_reaped=frozenset({"ledger"}))
+    postgres = asyncio.run(_postgres_counters(database_url))
+    messages, stream_bytes = asyncio.run(_stream_counters(nats_url))
+    [ledger_pid] = components["ledger"]
+    [nats_pid] = components["nats"]
+    counters = msgspec.convert(
+        postgres
+        | {
+            "stream_messages": messages,
+            "stream_bytes": stream_bytes,
+            "stream_file_bytes": _stream_file_bytes(nats_store),
+            "ledger_rss_bytes": _rss(ledger_pid),
+            "nats_rss_bytes": _rss(nats_pid),
+        },
+        Counters,
+    )
+    return Probe(counters, cpu, time.monotonic())
+
+
+async def _drained(database_url: str, nats_url: str) -> tuple[int, int, int]:
+    connection = await asyncpg.connect(database_url)
+    try:
+        events = await connection.fetchval(
+            "SELECT coalesce(sum(last_seq), 0)::bigint FROM partition_leases"
+        )
+        published = await connection.fetchval(
+            "SELECT coalesce(sum(published_seq), 0)::bigint FROM outbox_watermarks"
+        )
+    finally:
+        await connection.close()
+    messages, _ = await _stream_counters(nats_url)
+    return int(events), int(published), messages
+
+
+def wait_published(database_url: str, nats_url: str, deadline_s: float) -> int:
+    """Wait until every event in the log is in the stream (and the watermarks say so);
+    return the number of events."""
+    give_up_at = time.monotonic() + deadline_s
+    while True:
+        events, published, messages = asyncio.run(_drained(database_url, nats_url))
+        if events == published == messages:
+            return events
+        if time.monotonic() > give_up_at:
+            raise TimeoutError(
+                f"relay not drained: {events} events, {published} published,"
+                f" {messages} in the stream"
+            )
+        time.sleep(DRAIN_POLL_S)
+
+
+async def _wal_lsn(database_url: str) -> str:
+    connection = await asyncpg.connect(database_url)
+    try:
+        return str(await connection.fetchval("SELECT pg_current_wal_lsn()::text"))
+    finally:
+        await connection.close()
+
+
+def wal_lsn(database_url: str) -> str:
+    """Postgres's current WAL position (compare two with :func:`wal_diff`)."""
+    return asyncio.run(_wal_lsn(database_url))
+
+
+async def _wal_diff(database_url: str, after: str, before: str) -> int:
+    connection = await asyncpg.connect(database_url)
+    try:
+        value = await connection.fetchval(
+            "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", after, before
+        )
+    finally:
+        await connection.close()
+    return int(value)
+
+
+def wal_diff(database_url: str, after: str, before: str) -> int:
+    """WAL bytes written between two positions (``pg_wal_lsn_diff``)."""
+    return asyncio.run(_wal_diff(database_url, after, before))
+
+
+def wal_bytes(database_url: str, before: Probe, after: Probe) -> int:
+    return wal_diff(database_url, after.counters.wal_lsn, before.counters.wal_lsn)
