@@ -17,7 +17,7 @@ from spendgate_common.errors import ConfigurationError, SpendgateError
 from spendgate_common.limits import PARTITION_COUNT_MAX
 from spendgate_common.migrate import load_migrations
 from spendgate_common.partitioning import partition_for_tenant
-from spendgate_common.settings import CommonSettings, Env
+from spendgate_common.settings import CommonSettings, Env, StreamSettings
 from spendgate_common.vault_keys import (
     KEY_ID_CHARS,
     SECRET_CHARS,
@@ -188,7 +188,7 @@ def test_ledger_settings_from_env() -> None:
         )
     )
     assert settings.database_url == "postgresql://u@db:5432/spendgate"
-    assert settings.common == CommonSettings("nats://nats:4222", 8)
+    assert settings.common == CommonSettings("nats://nats:4222", 8, StreamSettings())
     assert settings.owner_id == "ledger-a"
     assert settings.lease.total_seconds() == 1.0
     assert settings.hold_default.total_seconds() == 900
@@ -517,3 +517,22 @@ def test_malformed_events_are_refused(changes: dict[str, Any]) -> None:
     document.update(changes)
     with pytest.raises(msgspec.ValidationError):
         events_v1.decode_event(msgspec.json.encode(document))
+
+
+def test_events_stream_settings_from_env() -> None:
+    from datetime import timedelta
+
+    from spendgate_common.errors import ConfigurationError
+
+    settings = CommonSettings.from_env(
+        Env(
+            {
+                "SPENDGATE_EVENTS_STREAM_REPLICAS": "3",
+                "SPENDGATE_EVENTS_STREAM_MAX_AGE_SECONDS": "604800",
+            }
+        )
+    )
+    assert settings.events_stream == StreamSettings(3, timedelta(days=7))
+    assert CommonSettings.from_env(Env({})).events_stream == StreamSettings(1, timedelta(0))
+    with pytest.raises(ConfigurationError, match="SPENDGATE_EVENTS_STREAM_REPLICAS"):
+        CommonSettings.from_env(Env({"SPENDGATE_EVENTS_STREAM_REPLICAS": "6"}))
