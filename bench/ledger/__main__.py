@@ -14,10 +14,9 @@ from bench.ledger import _common, _cpu, _report
 from bench.ledger._cluster import POSTGRES_SETTINGS, Cluster
 from bench.ledger._common import (
     RESULTS_DIR,
-    env_pair,
+    add_cluster_arguments,
     positive_ints,
     progress,
-    setting_pair,
     split,
 )
 from bench.ledger._load import (
@@ -75,35 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="pairs/s of the open-loop run (default: half of the measured hot-budget peak)",
     )
-    parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
-    parser.add_argument(
-        "--client-inflight",
-        type=int,
-        default=4,
-        help="NATS requests in flight per partition per client (the gateway's default)",
-    )
-    parser.add_argument("--partitions", type=int, default=64, help="ledger partition count")
-    parser.add_argument("--replicas", type=int, default=1, help="ledger processes (1 owns all)")
-    parser.add_argument(
-        "--ledger-env",
-        type=env_pair,
-        action="append",
-        default=[],
-        metavar="SPENDGATE_NAME=value",
-        help="extra ledger setting (repeatable), e.g. SPENDGATE_LEDGER_BATCH_COMMANDS_MAX=4096",
-    )
-    parser.add_argument(
-        "--postgres-setting",
-        type=setting_pair,
-        action="append",
-        default=[],
-        metavar="name=value",
-        help=(
-            "Postgres setting (repeatable) on top of the defaults"
-            f" {', '.join(f'{k}={v}' for k, v in POSTGRES_SETTINGS.items())};"
-            " fsync and synchronous_commit stay on unless set here"
-        ),
-    )
+    add_cluster_arguments(parser, replicas=True)
     parser.add_argument(
         "--skip",
         default="",

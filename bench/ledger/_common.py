@@ -13,6 +13,8 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.ledger._cluster import POSTGRES_SETTINGS
+
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
@@ -35,6 +37,40 @@ def setting_pair(text: str) -> tuple[str, str]:
     if not sep or not name.replace("_", "").isalnum():
         raise argparse.ArgumentTypeError("expected name=value")
     return name, value
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser, *, replicas: bool) -> None:
+    """The options both benchmarks share: load processes, partitions, ledger and Postgres."""
+    parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    parser.add_argument(
+        "--client-inflight",
+        type=int,
+        default=4,
+        help="NATS requests in flight per partition per client (the gateway's default)",
+    )
+    parser.add_argument("--partitions", type=int, default=64, help="ledger partition count")
+    if replicas:
+        parser.add_argument("--replicas", type=int, default=1, help="ledger processes (1 owns all)")
+    parser.add_argument(
+        "--ledger-env",
+        type=env_pair,
+        action="append",
+        default=[],
+        metavar="SPENDGATE_NAME=value",
+        help="extra ledger setting (repeatable), e.g. SPENDGATE_LEDGER_BATCH_COMMANDS_MAX=4096",
+    )
+    parser.add_argument(
+        "--postgres-setting",
+        type=setting_pair,
+        action="append",
+        default=[],
+        metavar="name=value",
+        help=(
+            "Postgres setting (repeatable) on top of the defaults"
+            f" {', '.join(f'{k}={v}' for k, v in POSTGRES_SETTINGS.items())};"
+            " fsync and synchronous_commit stay on unless set here"
+        ),
+    )
 
 
 def progress(message: str, *, started: float) -> None:

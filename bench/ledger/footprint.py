@@ -42,9 +42,8 @@ from bench.ledger import _common, _cpu, _probe, _report
 from bench.ledger._cluster import POSTGRES_SETTINGS, Cluster
 from bench.ledger._common import (
     RESULTS_DIR,
-    env_pair,
+    add_cluster_arguments,
     progress,
-    setting_pair,
     split,
 )
 from bench.ledger._load import JobResult, KeySpec, LedgerCountJob, LedgerOpenJob, Window
@@ -120,30 +119,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--settle", type=float, default=3.0, help="seconds after the drain (snapshots finish)"
     )
-    parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
-    parser.add_argument(
-        "--client-inflight",
-        type=int,
-        default=4,
-        help="NATS requests in flight per partition per client (the gateway's default)",
-    )
-    parser.add_argument("--partitions", type=int, default=64, help="ledger partition count")
-    parser.add_argument(
-        "--ledger-env",
-        type=env_pair,
-        action="append",
-        default=[],
-        metavar="SPENDGATE_NAME=value",
-        help="extra ledger setting (repeatable)",
-    )
-    parser.add_argument(
-        "--postgres-setting",
-        type=setting_pair,
-        action="append",
-        default=[],
-        metavar="name=value",
-        help="Postgres setting (repeatable) on top of the benchmark's (see bench.ledger)",
-    )
+    add_cluster_arguments(parser, replicas=False)
     parser.add_argument(
         "--skip",
         default="",
