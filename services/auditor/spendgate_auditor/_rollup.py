@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from spendgate_common import finance_v1
 from spendgate_common.events_v1 import (
@@ -366,15 +367,7 @@ class RollupBatch:
             seq,
             key.tenant,
             finance_v1.ReservationDenied(
-                specversion="1.0",
-                id=finance_v1.event_id(partition, seq),
-                source=finance_v1.source(partition),
-                subject=event.decision_id,
-                time=rfc3339(event.at_ms),
-                datacontenttype="application/json",
-                spendgatepartition=partition,
-                spendgateseq=seq,
-                data=data,
+                **_envelope(partition, seq, event.decision_id, event.at_ms), data=data
             ),
         )
 
@@ -474,14 +467,7 @@ class RollupBatch:
             seq,
             key.tenant,
             finance_v1.ReservationSettled(
-                specversion="1.0",
-                id=finance_v1.event_id(partition, seq),
-                source=finance_v1.source(partition),
-                subject=decision.decision_id,
-                time=rfc3339(decision.settled_at_ms),
-                datacontenttype="application/json",
-                spendgatepartition=partition,
-                spendgateseq=seq,
+                **_envelope(partition, seq, decision.decision_id, decision.settled_at_ms),
                 data=data,
             ),
         )
@@ -504,3 +490,17 @@ class RollupBatch:
     ) -> None:
         body = finance_v1.encode_finance_event(event)
         self.finance.append(FinanceRow(partition, seq, tenant, body))
+
+
+def _envelope(partition: int, seq: int, subject: str, at_ms: int) -> dict[str, Any]:
+    """The CloudEvents 1.0 attributes every finance event carries (docs/finance.md)."""
+    return {
+        "specversion": "1.0",
+        "id": finance_v1.event_id(partition, seq),
+        "source": finance_v1.source(partition),
+        "subject": subject,
+        "time": rfc3339(at_ms),
+        "datacontenttype": "application/json",
+        "spendgatepartition": partition,
+        "spendgateseq": seq,
+    }
