@@ -25,8 +25,8 @@ TENANT_PATTERN = re.compile(rf"[a-z0-9][a-z0-9-]{{0,{TENANT_CHARS_MAX - 1}}}")
 KEY_ID_PATTERN = re.compile(rf"[a-z2-7]{{{KEY_ID_CHARS}}}")
 SECRET_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _KEY_PATTERN = re.compile(
-    rf"{KEY_PREFIX}_([a-z0-9][a-z0-9-]{{0,{TENANT_CHARS_MAX - 1}}})"
-    rf"_([a-z2-7]{{{KEY_ID_CHARS}}})_([a-z2-7]{{{SECRET_CHARS}}})"
+    rf"{KEY_PREFIX}_({TENANT_PATTERN.pattern})_({KEY_ID_PATTERN.pattern})"
+    rf"_([a-z2-7]{{{SECRET_CHARS}}})"
 )
 
 

@@ -36,7 +36,6 @@ from spendgate_common.ledger_v1 import (
     RevokeKey,
     UpdateBudget,
 )
-from spendgate_common.limits import LABEL_CHARS_MAX
 from spendgate_common.money import format_usd, parse_usd
 from spendgate_common.vault_keys import is_valid_tenant, new_vault_key
 from spendgate_gateway._failures import failed_status
@@ -188,9 +187,6 @@ class ControlPlane:
         self.check_admin(request)
         spec = await self._body(request, IssueKeyRequest)
         cap_micros, window = _key_cap_and_window(spec)
-        if not 0 < len(spec.label) <= LABEL_CHARS_MAX:
-            message = f"label must be 1 to {LABEL_CHARS_MAX} characters"
-            raise InvalidRequestError("invalid_label", message)
         tenant = _tenant(spec.tenant)
         ttl_seconds = (
             spec.ttl_seconds

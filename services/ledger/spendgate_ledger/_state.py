@@ -20,6 +20,7 @@ as its own event and counted); the next reserve then sees no room.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import hmac
@@ -121,6 +122,14 @@ class Meter:
 
     def committed_in(self, window_start: int) -> int:
         return self.committed_micros if window_start == self.window_start_at_ms else 0
+
+    def usage_at(self, at_ms: int) -> tuple[int, int, int]:
+        """``(window start, committed, overrun)`` as they stand at ``at_ms``: a newer window
+        that no event has rolled into yet has spent nothing."""
+        window_start = self.window_start_for(at_ms)
+        if window_start != self.window_start_at_ms:
+            return window_start, 0, 0
+        return window_start, self.committed_micros, self.overrun_micros
 
     def roll_to(self, at_ms: int) -> None:
         """Move to the window containing ``at_ms`` when that is a newer one.
@@ -584,14 +593,10 @@ class PartitionState:
                 previous_cap_micros=budget.meter.cap_micros,
                 cap_micros=command.cap_micros,
             )
-        after = BudgetRecord(
-            budget.budget_id,
-            budget.tenant,
-            budget.scope,
-            budget.match,
-            _meter_after(budget.meter, event),
-            closed=isinstance(event, BudgetClosed),
-        )
+        # The budget as the event will leave it (apply makes the change itself).
+        after = dataclasses.replace(budget, closed=isinstance(event, BudgetClosed))
+        if isinstance(event, BudgetUpdated):
+            after.meter = dataclasses.replace(budget.meter, cap_micros=event.cap_micros)
         return Decision(_budget_state(after, now_ms), (event,))
 
     def _decide_query_key(self, command: QueryKey, now_ms: int) -> Decision:
@@ -599,8 +604,7 @@ class PartitionState:
         if key is None or key.tenant != command.tenant:
             return Decision(Failed("key_not_found", "no such key"))
         meter = key.meter
-        window_start = meter.window_start_for(now_ms)
-        same_window = window_start == meter.window_start_at_ms
+        window_start, committed, overrun = meter.usage_at(now_ms)
         return Decision(
             KeyState(
                 key_id=key.key_id,
@@ -610,20 +614,17 @@ class PartitionState:
                 window=meter.window,
                 timezone=meter.timezone,
                 window_start_at_ms=window_start,
-                committed_micros=meter.committed_micros if same_window else 0,
+                committed_micros=committed,
                 reserved_micros=meter.reserved_micros,
                 expires_at_ms=key.expires_at_ms,
-                overrun_micros=meter.overrun_micros if same_window else 0,
+                overrun_micros=overrun,
                 revoked=key.revoked,
                 allowed_vendors=sorted(key.allowed_vendors)
                 if key.allowed_vendors is not None
                 else None,
                 fleet_labels=list(key.fleet_labels),
-                budget_ids=[
-                    budget.budget_id
-                    for budget in self._budgets_for(key, "")
-                    if budget.scope != "vendor"
-                ],
+                # No vendor is named here, so vendor budgets do not apply.
+                budget_ids=[budget.budget_id for budget in self._budgets_for(key, "")],
             )
         )
 
@@ -835,7 +836,7 @@ def _issue_key_problem(command: IssueKey, now_ms: int) -> Failed | None:
     if not 0 < command.cap_micros <= AMOUNT_MICROS_MAX:
         return Failed("invalid_amount", "cap out of range")
     if not 0 < len(command.label) <= LABEL_CHARS_MAX:
-        return Failed("invalid_label", "label length out of range")
+        return Failed("invalid_label", f"label must be 1 to {LABEL_CHARS_MAX} characters")
     if command.expires_at_ms <= now_ms:
         return Failed("invalid_ttl", "the key would already be expired")
     if len(command.fleet_labels) > FLEET_LABELS_PER_KEY_MAX or not all(
@@ -872,25 +873,9 @@ def _budget_problem(command: CreateBudget) -> Failed | None:
 # ---------------------------------------------------------------------------- results
 
 
-def _meter_after(meter: Meter, event: BudgetUpdated | BudgetClosed) -> Meter:
-    if isinstance(event, BudgetUpdated):
-        return Meter(
-            event.cap_micros,
-            meter.window,
-            meter.timezone,
-            meter.window_start_at_ms,
-            meter.window_end_at_ms,
-            meter.committed_micros,
-            meter.reserved_micros,
-            meter.overrun_micros,
-        )
-    return meter
-
-
 def _budget_state(budget: BudgetRecord, now_ms: int) -> BudgetState:
     meter = budget.meter
-    window_start = meter.window_start_for(now_ms)
-    same_window = window_start == meter.window_start_at_ms
+    window_start, committed, overrun = meter.usage_at(now_ms)
     return BudgetState(
         budget_id=budget.budget_id,
         tenant=budget.tenant,
@@ -900,8 +885,8 @@ def _budget_state(budget: BudgetRecord, now_ms: int) -> BudgetState:
         window=meter.window,
         timezone=meter.timezone,
         window_start_at_ms=window_start,
-        committed_micros=meter.committed_micros if same_window else 0,
+        committed_micros=committed,
         reserved_micros=meter.reserved_micros,
-        overrun_micros=meter.overrun_micros if same_window else 0,
+        overrun_micros=overrun,
         closed=budget.closed,
     )
