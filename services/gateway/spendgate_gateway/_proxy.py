@@ -27,7 +27,7 @@ from spendgate_gateway._failures import exception_status_code_message, failed_st
 from spendgate_gateway._ledger_client import LedgerClient
 from spendgate_gateway._responses import error_response, json_response, read_body
 from spendgate_gateway._settings import GatewaySettings
-from spendgate_gateway.vendors import VENDORS, Estimate, Outcome, Vendor
+from spendgate_gateway.vendors import VENDORS, Call, Estimate, Outcome, Vendor
 
 _log = logging.getLogger(__name__)
 
@@ -123,9 +123,8 @@ class Proxy:
                 "invalid_key", "present a Spendgate vault key (sgk_...) as the API key", status=401
             )
         body = await read_body(request, self._settings.body_bytes_max)
-        estimate = vendor.estimate(
-            request.method, path, request.headers.get("content-type", ""), body
-        )
+        agent_call = Call(request.method, path, request.url.query, request.headers, body)
+        estimate = vendor.estimate(agent_call)
         result = await self._ledger.execute(
             Reserve(
                 tenant=key.tenant,
@@ -134,7 +133,7 @@ class Proxy:
                 amount_micros=estimate.amount_micros,
                 vendor=vendor.name,
                 operation=estimate.operation,
-                idempotency_key=request.headers.get("idempotency-key"),
+                idempotency_key=_idempotency_key(vendor, request),
             )
         )
         call = _Call(vendor, key, estimate)
@@ -162,12 +161,13 @@ class Proxy:
         headers = {name: value for name, value in request.headers.items() if name not in dropped}
         headers.update(vendor.upstream_auth_headers(api_key))
         client = self._clients[vendor.name]
+        estimate = call.estimate
         upstream_request = client.build_request(
             request.method,
-            "/" + path,
+            "/" + (estimate.upstream_path or path),
             params=request.url.query or None,
             headers=headers,
-            content=body,
+            content=body if estimate.upstream_body is None else estimate.upstream_body,
         )
         try:
             upstream = await client.send(upstream_request, stream=True)
@@ -184,7 +184,7 @@ class Proxy:
             return self._upstream_failure(vendor, 504, "upstream_timeout", error)
         except httpx.HTTPError as error:
             return self._upstream_failure(vendor, 502, "upstream_error", error)
-        settlement = vendor.settle(upstream.status_code, call.estimate)
+        settlement = vendor.settle(upstream.status_code, content, call.estimate)
         self._settle_later(call, grant, settlement.outcome, settlement.actual_micros)
         response_headers = [
             (name, value)
@@ -270,6 +270,15 @@ def _checked_path(path: str) -> str:
     ):
         raise InvalidRequestError("invalid_path", "the upstream path is not a plain relative path")
     return path
+
+
+def _idempotency_key(vendor: Vendor, request: Request) -> str | None:
+    """The caller's idempotency key: the vendor's own header, else ``Idempotency-Key``."""
+    for name in (*vendor.idempotency_headers, "idempotency-key"):
+        value = request.headers.get(name)
+        if value:
+            return value
+    return None
 
 
 def _connection_listed(request: Request) -> frozenset[str]:

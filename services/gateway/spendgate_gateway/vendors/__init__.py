@@ -1,9 +1,11 @@
 """One module per vendor; :data:`VENDORS` maps the proxy path's first segment to it."""
 
 from spendgate_gateway.vendors._base import (
+    Call,
     Estimate,
     Outcome,
     Settlement,
+    StreamMeter,
     UnpricedCallError,
     Vendor,
 )
@@ -11,4 +13,13 @@ from spendgate_gateway.vendors.stripe import Stripe
 
 VENDORS: dict[str, Vendor] = {"stripe": Stripe()}
 
-__all__ = ["VENDORS", "Estimate", "Outcome", "Settlement", "UnpricedCallError", "Vendor"]
+__all__ = [
+    "VENDORS",
+    "Call",
+    "Estimate",
+    "Outcome",
+    "Settlement",
+    "StreamMeter",
+    "UnpricedCallError",
+    "Vendor",
+]

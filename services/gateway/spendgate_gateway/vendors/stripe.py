@@ -20,7 +20,14 @@ import msgspec
 from spendgate_common.errors import InvalidRequestError
 from spendgate_common.limits import AMOUNT_MICROS_MAX
 from spendgate_common.money import MICROS_PER_CENT
-from spendgate_gateway.vendors._base import Estimate, Outcome, Settlement, UnpricedCallError
+from spendgate_gateway.vendors._base import (
+    Call,
+    Estimate,
+    Outcome,
+    Settlement,
+    StreamMeter,
+    UnpricedCallError,
+)
 
 # Most fields we parse from a form body (Stripe's own bodies are far smaller).
 FORM_FIELDS_MAX = 1_000
@@ -32,6 +39,9 @@ _json_decoder = msgspec.json.Decoder(float_hook=Decimal)
 
 class Stripe:
     name = "stripe"
+    idempotency_headers: tuple[str, ...] = ("idempotency-key",)
+    # Stripe replays the first answer to a retry with the same Idempotency-Key.
+    upstream_deduplicates = True
 
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
         authorization = headers.get("authorization", "")
@@ -47,10 +57,11 @@ class Stripe:
             return decoded.partition(":")[0] or None
         return None
 
-    def estimate(self, method: str, path: str, content_type: str, body: bytes) -> Estimate:
+    def estimate(self, call: Call) -> Estimate:
+        method, path = call.method, call.path
         if (method, path) not in _PRICED_OPERATIONS:
             raise UnpricedCallError(self.name, method, path)
-        fields = _parse_body(content_type, body)
+        fields = _parse_body(call.content_type, call.body)
         amount = fields.get("amount")
         currency = fields.get("currency")
         if amount is None:
@@ -67,13 +78,16 @@ class Stripe:
             raise InvalidRequestError("invalid_amount", "amount is above the maximum")
         return Estimate(micros, f"{method} /{path}")
 
-    def settle(self, status_code: int, estimate: Estimate) -> Settlement:
+    def settle(self, status_code: int, body: bytes, estimate: Estimate) -> Settlement:
         if 200 <= status_code < 300:
             return Settlement(Outcome.SPENT, estimate.amount_micros)
         if 400 <= status_code < 500:
             # Stripe refuses 4xx requests without charging (card declined, bad params).
             return Settlement(Outcome.FREE)
         return Settlement(Outcome.UNKNOWN)
+
+    def stream_meter(self, status_code: int, estimate: Estimate) -> StreamMeter | None:
+        return None
 
     def upstream_auth_headers(self, api_key: str) -> dict[str, str]:
         return {"authorization": f"Bearer {api_key}"}
