@@ -88,6 +88,8 @@ class ReservationGranted(Event, frozen=True, tag="ReservationGranted"):
     expires_at_ms: int
     # The budgets (besides the key's own cap) this hold counts against.
     budget_ids: list[str] = msgspec.field(default_factory=list)
+    # The version of the price data the estimate used ("" when the caller priced it).
+    pricing_version: str = ""
 
 
 class ReservationDenied(Event, frozen=True, tag="ReservationDenied"):

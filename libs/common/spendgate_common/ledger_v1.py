@@ -73,6 +73,8 @@ class Reserve(Command, frozen=True, tag="Reserve"):
     operation: str
     idempotency_key: str | None = None
     hold_ms: int = 0  # 0: the ledger's default hold time
+    # The version of the price data the estimate used ("" when the caller priced it).
+    pricing_version: str = ""
 
 
 class Commit(Command, frozen=True, tag="Commit"):

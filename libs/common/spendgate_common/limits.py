@@ -19,6 +19,7 @@ TENANT_CHARS_MAX = 32
 VENDOR_CHARS_MAX = 32
 IDEMPOTENCY_KEY_CHARS_MAX = 255
 OPERATION_CHARS_MAX = 256
+PRICING_VERSION_CHARS_MAX = 64
 
 # Partition count bounds (the count itself is a setting; see settings.py).
 PARTITION_COUNT_MAX = 4096

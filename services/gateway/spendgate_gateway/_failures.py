@@ -33,6 +33,7 @@ FAILED_STATUS = {
     "invalid_ttl": 400,
     "invalid_vendor": 400,
     "invalid_operation": 400,
+    "invalid_pricing_version": 400,
     "invalid_idempotency_key": 400,
     "invalid_hold": 400,
     "invalid_key_id": 400,

@@ -134,6 +134,7 @@ class Proxy:
                 vendor=vendor.name,
                 operation=estimate.operation,
                 idempotency_key=_idempotency_key(vendor, request),
+                pricing_version=estimate.pricing_version,
             )
         )
         call = _Call(vendor, key, estimate)

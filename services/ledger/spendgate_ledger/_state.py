@@ -77,6 +77,7 @@ from spendgate_common.limits import (
     IDEMPOTENCY_KEY_CHARS_MAX,
     LABEL_CHARS_MAX,
     OPERATION_CHARS_MAX,
+    PRICING_VERSION_CHARS_MAX,
     SWEEP_EVENTS_MAX,
 )
 from spendgate_common.money import format_usd
@@ -359,6 +360,7 @@ class PartitionState:
             window_start_at_ms=key_window,
             expires_at_ms=now_ms + hold_ms,
             budget_ids=[budget.budget_id for budget in budgets],
+            pricing_version=command.pricing_version,
         )
         result = Granted(
             reservation_id=granted.reservation_id,
@@ -813,6 +815,8 @@ def _reserve_problem(command: Reserve) -> Failed | None:
         return Failed("invalid_vendor", "vendor must be 1 to 32 of a-z, 0-9 and '-'")
     if len(command.operation) > OPERATION_CHARS_MAX:
         return Failed("invalid_operation", "operation too long")
+    if len(command.pricing_version) > PRICING_VERSION_CHARS_MAX:
+        return Failed("invalid_pricing_version", "pricing version too long")
     if command.idempotency_key is not None and not (
         0 < len(command.idempotency_key) <= IDEMPOTENCY_KEY_CHARS_MAX
     ):
