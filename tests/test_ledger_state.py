@@ -35,11 +35,13 @@ from spendgate_common.ledger_v1 import (
     AnyResult,
     Commit,
     Denied,
+    Done,
     Failed,
     Granted,
     IssueKey,
     KeyCreated,
     KeyState,
+    MarkUnknown,
     QueryKey,
     Release,
     Reserve,
@@ -140,6 +142,7 @@ def reserve(
     secret_sha256: str = SECRET_SHA256,
     tenant: str = TENANT,
     hold_ms: int = 0,
+    claim: bool = False,
 ) -> Reserve:
     return Reserve(
         tenant=tenant,
@@ -150,6 +153,7 @@ def reserve(
         operation=operation,
         idempotency_key=idempotency_key,
         hold_ms=hold_ms,
+        claim=claim,
     )
 
 
@@ -544,6 +548,68 @@ def test_idempotent_grant_is_replayed_without_events(ledger: Ledger) -> None:
     replay = granted(ledger.run(reserve(180_000, idempotency_key="call-1")))
     assert replay.reservation_id == first.reservation_id
     assert replay.replayed
+    assert replay.settled
+
+
+def mark_unknown(reservation_id: str, reason: str = "upstream_timeout") -> MarkUnknown:
+    return MarkUnknown(
+        tenant=TENANT,
+        key_id=K1,
+        secret_sha256=SECRET_SHA256,
+        reservation_id=reservation_id,
+        reason=reason,
+    )
+
+
+def test_claimed_retry_of_an_in_flight_call_is_refused(ledger: Ledger) -> None:
+    first = granted(ledger.run(reserve(idempotency_key="call-1", claim=True)))
+    last_seq = ledger.state.last_seq
+    failed(ledger.run(reserve(idempotency_key="call-1", claim=True)), "request_in_progress")
+    assert ledger.state.last_seq == last_seq
+    # A caller that does not make the call itself (the SDK) just gets its grant back.
+    again = granted(ledger.run(reserve(idempotency_key="call-1")))
+    assert again.reservation_id == first.reservation_id
+    assert (again.replayed, again.settled, again.resumed) == (True, False, False)
+
+
+def test_a_retry_resumes_a_hold_whose_outcome_is_unknown(ledger: Ledger) -> None:
+    first = granted(ledger.run(reserve(idempotency_key="call-1", claim=True)))
+    done = ledger.run(mark_unknown(first.reservation_id))
+    assert isinstance(done, Done), done
+    # Marking twice changes nothing.
+    last_seq = ledger.state.last_seq
+    assert isinstance(ledger.run(mark_unknown(first.reservation_id)), Done)
+    assert ledger.state.last_seq == last_seq
+    resumed = granted(ledger.run(reserve(idempotency_key="call-1", claim=True)))
+    assert (resumed.reservation_id, resumed.replayed, resumed.resumed) == (
+        first.reservation_id,
+        True,
+        True,
+    )
+    # Exactly one retry takes it over; the next one finds it in flight again.
+    failed(ledger.run(reserve(idempotency_key="call-1", claim=True)), "request_in_progress")
+    assert query(ledger=ledger).reserved_micros == 180_000
+    ledger.run(commit(first.reservation_id, 150_000))
+    assert query(ledger=ledger).committed_micros == 150_000
+    settled = granted(ledger.run(reserve(idempotency_key="call-1", claim=True)))
+    assert settled.settled
+    assert not settled.resumed
+    events = [type(event).__name__ for event in ledger.events()]
+    assert events[-3:] == [
+        "ReservationOutcomeUnknown",
+        "ReservationResumed",
+        "ReservationCommitted",
+    ]
+    # The in-flight mark survives a rebuild from the log.
+    rebuilt = Ledger(ledger.rebuilt(), list(ledger.log))
+    assert rebuilt.state.holds == ledger.state.holds
+
+
+def test_mark_unknown_needs_an_open_hold_of_the_same_key(ledger: Ledger) -> None:
+    failed(ledger.run(mark_unknown("rsv_nope")), "reservation_not_found")
+    rid = granted(ledger.run(reserve(claim=True))).reservation_id
+    ledger.run(release(rid))
+    failed(ledger.run(mark_unknown(rid)), "reservation_not_found")
 
 
 @pytest.mark.parametrize(

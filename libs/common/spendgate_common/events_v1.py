@@ -146,6 +146,24 @@ class ReservationExpired(Event, frozen=True, tag="ReservationExpired"):
     reserved_micros: int
 
 
+class ReservationOutcomeUnknown(Event, frozen=True, tag="ReservationOutcomeUnknown"):
+    """The call under this hold may or may not have reached the vendor (a timeout, a 5xx).
+
+    The hold stays. A retry with the same idempotency key may resume it (and settle it);
+    otherwise it expires and is counted as spent."""
+
+    reservation_id: str
+    key_id: str
+    reason: str
+
+
+class ReservationResumed(Event, frozen=True, tag="ReservationResumed"):
+    """A retry with the same idempotency key took over a hold whose outcome was unknown."""
+
+    reservation_id: str
+    key_id: str
+
+
 AnyEvent = (
     KeyIssued
     | KeyRevoked
@@ -158,6 +176,8 @@ AnyEvent = (
     | ReservationReleased
     | ReservationOverrun
     | ReservationExpired
+    | ReservationOutcomeUnknown
+    | ReservationResumed
 )
 
 _encoder = msgspec.json.Encoder()

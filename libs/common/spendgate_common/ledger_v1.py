@@ -75,6 +75,10 @@ class Reserve(Command, frozen=True, tag="Reserve"):
     hold_ms: int = 0  # 0: the ledger's default hold time
     # The version of the price data the estimate used ("" when the caller priced it).
     pricing_version: str = ""
+    # The caller is about to make the call itself (the proxy): a retry with the same
+    # idempotency key whose first attempt is still in flight is refused with
+    # ``request_in_progress``, and one whose outcome was unknown resumes the hold.
+    claim: bool = False
 
 
 class Commit(Command, frozen=True, tag="Commit"):
@@ -85,6 +89,16 @@ class Commit(Command, frozen=True, tag="Commit"):
 
 
 class Release(Command, frozen=True, tag="Release"):
+    key_id: str
+    secret_sha256: str
+    reservation_id: str
+    reason: str
+
+
+class MarkUnknown(Command, frozen=True, tag="MarkUnknown"):
+    """The call under a claimed hold ended without a known cost: keep the hold, unclaimed,
+    so that a retry with the same idempotency key can resume it."""
+
     key_id: str
     secret_sha256: str
     reservation_id: str
@@ -107,6 +121,7 @@ AnyCommand = (
     | Reserve
     | Commit
     | Release
+    | MarkUnknown
     | QueryKey
 )
 
@@ -128,6 +143,11 @@ class Granted(Result, frozen=True, tag="Granted"):
     reserved_micros: int
     cap_micros: int
     replayed: bool = False  # True when an idempotent retry returned the original grant
+    # On a replay: the reservation has been settled already (committed, released, expired).
+    settled: bool = False
+    # On a replay with ``claim``: the retry took over a hold whose outcome was unknown,
+    # and must make the call and settle the hold itself.
+    resumed: bool = False
 
 
 class Denied(Result, frozen=True, tag="Denied"):

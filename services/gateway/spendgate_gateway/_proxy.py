@@ -20,7 +20,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from spendgate_common.errors import InvalidRequestError, LedgerUnavailableError, SpendgateError
-from spendgate_common.ledger_v1 import Commit, Denied, Failed, Granted, Release, Reserve
+from spendgate_common.ledger_v1 import (
+    Commit,
+    Denied,
+    Failed,
+    Granted,
+    MarkUnknown,
+    Release,
+    Reserve,
+)
 from spendgate_common.money import format_usd
 from spendgate_common.vault_keys import VaultKey, parse_vault_key
 from spendgate_gateway._failures import exception_status_code_message, failed_status
@@ -135,6 +143,7 @@ class Proxy:
                 operation=estimate.operation,
                 idempotency_key=_idempotency_key(vendor, request),
                 pricing_version=estimate.pricing_version,
+                claim=True,
             )
         )
         call = _Call(vendor, key, estimate)
@@ -142,14 +151,25 @@ class Proxy:
             return _denied_response(vendor, result)
         if isinstance(result, Failed):
             status = failed_status(result)
+            # A retry racing its own first attempt may retry again shortly; the rest may not.
+            in_progress = result.code == "request_in_progress"
             return error_response(
                 status,
                 result.code,
                 result.message,
                 vendor_error=vendor.error_object(result.code, result.message, status),
-                headers=vendor.refusal_headers(),
+                headers={"retry-after": "1"} if in_progress else vendor.refusal_headers(),
             )
         assert isinstance(result, Granted), result
+        if result.replayed and not result.resumed and not vendor.upstream_deduplicates:
+            # A retry of a call that completed: forwarding it again would be a second,
+            # unreserved call, as this vendor does not deduplicate retries itself.
+            raise InvalidRequestError(
+                "request_completed",
+                "the call with this idempotency key has completed already; "
+                "use a new idempotency key for a new call",
+                status=409,
+            )
         return await self._forward(request, call, result, path, body)
 
     async def _forward(
@@ -181,12 +201,20 @@ class Proxy:
             self._settle_later(call, grant, Outcome.FREE, 0)
             return self._upstream_failure(vendor, 502, "upstream_unreachable", error)
         except httpx.TimeoutException as error:
-            # The vendor may have acted: keep the hold until it expires.
+            # The vendor may have acted: keep the hold for a retry or until it expires.
+            self._settle_later(call, grant, Outcome.UNKNOWN, 0, "upstream_timeout")
             return self._upstream_failure(vendor, 504, "upstream_timeout", error)
         except httpx.HTTPError as error:
+            self._settle_later(call, grant, Outcome.UNKNOWN, 0, "upstream_error")
             return self._upstream_failure(vendor, 502, "upstream_error", error)
         settlement = vendor.settle(upstream.status_code, content, call.estimate)
-        self._settle_later(call, grant, settlement.outcome, settlement.actual_micros)
+        self._settle_later(
+            call,
+            grant,
+            settlement.outcome,
+            settlement.actual_micros,
+            f"upstream_status_{upstream.status_code}",
+        )
         response_headers = [
             (name, value)
             for name, value in upstream.headers.multi_items()
@@ -214,13 +242,25 @@ class Proxy:
 
     # ------------------------------------------------------------------------ settling
 
-    def _settle_later(self, call: _Call, grant: Granted, outcome: Outcome, actual: int) -> None:
-        if outcome is Outcome.UNKNOWN or grant.replayed:
-            # Unknown: the hold stays until expiry. Replayed: the first attempt settles it.
+    def _settle_later(
+        self, call: _Call, grant: Granted, outcome: Outcome, actual: int, reason: str = ""
+    ) -> None:
+        if grant.replayed and not grant.resumed:
+            # The first attempt settles (or settled) the hold; the vendor deduplicated us.
             return
         key = call.key
-        command: Commit | Release
-        if outcome is Outcome.SPENT:
+        command: Commit | Release | MarkUnknown
+        if outcome is Outcome.UNKNOWN:
+            # The hold stays, unclaimed: a retry with the same idempotency key resumes it,
+            # otherwise it expires and counts as spent.
+            command = MarkUnknown(
+                tenant=key.tenant,
+                key_id=key.key_id,
+                secret_sha256=key.secret_sha256,
+                reservation_id=grant.reservation_id,
+                reason=reason,
+            )
+        elif outcome is Outcome.SPENT:
             command = Commit(
                 tenant=key.tenant,
                 key_id=key.key_id,
@@ -240,7 +280,7 @@ class Proxy:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle(self, command: Commit | Release) -> None:
+    async def _settle(self, command: Commit | Release | MarkUnknown) -> None:
         for attempt in range(1, SETTLE_ATTEMPTS_MAX + 1):
             try:
                 result = await self._ledger.execute(command)

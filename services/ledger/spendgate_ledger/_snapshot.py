@@ -66,6 +66,8 @@ class HoldV1(msgspec.Struct, frozen=True, array_like=True):
     amount_micros: int
     expires_at_ms: int
     budget_ids: list[str]
+    # Absent in snapshots written before ReservationOutcomeUnknown existed.
+    in_flight: bool = True
 
 
 class SettledV1(msgspec.Struct, frozen=True, array_like=True):
@@ -148,7 +150,14 @@ def encode_snapshot(state: PartitionState) -> bytes:
             for b in state.budgets.values()
         ],
         holds=[
-            HoldV1(h.reservation_id, h.key_id, h.amount_micros, h.expires_at_ms, list(h.budget_ids))
+            HoldV1(
+                h.reservation_id,
+                h.key_id,
+                h.amount_micros,
+                h.expires_at_ms,
+                list(h.budget_ids),
+                h.in_flight,
+            )
             for h in state.holds.values()
         ],
         settled=[
@@ -213,6 +222,7 @@ def decode_snapshot(body: bytes, fresh: PartitionState) -> PartitionState:
             hold.amount_micros,
             hold.expires_at_ms,
             tuple(hold.budget_ids),
+            hold.in_flight,
         )
         state.track_hold(state.holds[hold.reservation_id])
     for settled in snapshot.settled:

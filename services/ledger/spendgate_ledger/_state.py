@@ -42,8 +42,10 @@ from spendgate_common.events_v1 import (
     ReservationDenied,
     ReservationExpired,
     ReservationGranted,
+    ReservationOutcomeUnknown,
     ReservationOverrun,
     ReservationReleased,
+    ReservationResumed,
     Window,
 )
 from spendgate_common.ledger_v1 import (
@@ -60,6 +62,7 @@ from spendgate_common.ledger_v1 import (
     IssueKey,
     KeyCreated,
     KeyState,
+    MarkUnknown,
     QueryBudget,
     QueryKey,
     Release,
@@ -183,6 +186,8 @@ class Hold:
     amount_micros: int
     expires_at_ms: int
     budget_ids: tuple[str, ...]
+    # A caller is making the call under this hold now (False once its outcome is unknown).
+    in_flight: bool = True
 
 
 @dataclass(slots=True)
@@ -261,6 +266,8 @@ class PartitionState:
                 return self._decide_reserve(command, now_ms)
             case Commit() | Release():
                 return self._decide_settle(command, now_ms)
+            case MarkUnknown():
+                return self._decide_mark_unknown(command, now_ms)
             case IssueKey():
                 return self._decide_issue_key(command, now_ms)
             case RevokeKey():
@@ -322,7 +329,7 @@ class PartitionState:
                 if seen.request_sha256 != fingerprint:
                     message = "this idempotency key was used with a different request"
                     return Decision(Failed("idempotency_conflict", message))
-                return Decision(msgspec.structs.replace(seen.result, replayed=True))
+                return self._replay(seen.result, command, now_ms)
         budgets = self._budgets_for(key, command.vendor)
         key_window = key.meter.window_start_for(now_ms)
         for scope, scope_id, meter in self._scopes(key, budgets):
@@ -371,6 +378,49 @@ class PartitionState:
             cap_micros=key.meter.cap_micros,
         )
         return Decision(result, (granted,))
+
+    def _replay(self, original: Granted | Denied, command: Reserve, now_ms: int) -> Decision:
+        """The original answer to a retry with the same idempotency key.
+
+        A grant says whether its hold is settled. A caller that makes the call itself
+        (``claim``) may not race its own first attempt: an in-flight hold answers
+        ``request_in_progress``; a hold whose outcome was unknown is resumed by this retry.
+        """
+        if isinstance(original, Denied):
+            return Decision(msgspec.structs.replace(original, replayed=True))
+        hold = self.holds.get(original.reservation_id)
+        if hold is None:
+            return Decision(msgspec.structs.replace(original, replayed=True, settled=True))
+        if not command.claim:
+            return Decision(msgspec.structs.replace(original, replayed=True))
+        if hold.in_flight:
+            message = (
+                "the first attempt with this idempotency key is still in flight; "
+                "retry after it finished"
+            )
+            return Decision(Failed("request_in_progress", message))
+        resumed = ReservationResumed(
+            at_ms=now_ms, reservation_id=hold.reservation_id, key_id=hold.key_id
+        )
+        result = msgspec.structs.replace(original, replayed=True, resumed=True)
+        return Decision(result, (resumed,))
+
+    def _decide_mark_unknown(self, command: MarkUnknown, now_ms: int) -> Decision:
+        key = self._authenticate(command.tenant, command.key_id, command.secret_sha256)
+        if isinstance(key, Failed):
+            return Decision(key)
+        hold = self.holds.get(command.reservation_id)
+        if hold is None or hold.key_id != key.key_id:
+            return Decision(Failed("reservation_not_found", "no such open reservation"))
+        if not hold.in_flight:
+            return Decision(Done("the reservation's outcome was already unknown"))
+        unknown = ReservationOutcomeUnknown(
+            at_ms=now_ms,
+            reservation_id=hold.reservation_id,
+            key_id=key.key_id,
+            reason=command.reason[:OPERATION_CHARS_MAX],
+        )
+        return Decision(Done("the hold stays until a retry resumes it or it expires"), (unknown,))
 
     def _scopes(self, key: KeyRecord, budgets: list[BudgetRecord]) -> list[tuple[str, str, Meter]]:
         """Every cap a reserve on ``key`` must fit, the key's own first."""
@@ -670,6 +720,10 @@ class PartitionState:
                         # Conservative: the call may have happened, count the full hold.
                         meter.committed_micros += hold.amount_micros
                 self._settle(event.reservation_id, "expired" if expired else "released", at_ms)
+            case ReservationOutcomeUnknown():
+                self.holds[event.reservation_id].in_flight = False
+            case ReservationResumed():
+                self.holds[event.reservation_id].in_flight = True
             case ReservationDenied():
                 self._remember(event, self._denied_result(event), at_ms)
             case KeyIssued():

@@ -6,11 +6,13 @@ Behaviour that tests rely on:
 * ``payment_method=pm_card_chargeDeclined`` (or ``source=tok_chargeDeclined``) answers
   402 ``card_declined``, as Stripe's test tokens do;
 * a repeated ``Idempotency-Key`` replays the first response (``Idempotent-Replayed: true``);
+* ``X-Fake-Delay-Ms: <n>`` answers after n ms; ``X-Fake-Status: 500`` fails without acting;
 * ``GET /_fake/requests`` lists what was received; ``DELETE /_fake/requests`` clears it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 import urllib.parse
@@ -72,6 +74,12 @@ def create_stripe_app() -> Starlette:
         del state.requests[:-RECORDED_REQUESTS_MAX]
         if not authorization.startswith("Bearer sk_"):
             return _error(401, "invalid_request_error", "api_key_invalid", "Invalid API Key")
+        # Test hooks: answer late, or fail as an overloaded Stripe would (nothing is stored).
+        delay_ms = request.headers.get("x-fake-delay-ms", "")
+        if delay_ms.isdigit():
+            await asyncio.sleep(int(delay_ms) / 1000)
+        if request.headers.get("x-fake-status") == "500":
+            return _error(500, "api_error", "fake_failure", "Forced failure (x-fake-status)")
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key and idempotency_key in state.idempotent:
             status, body = state.idempotent[idempotency_key]
