@@ -14,6 +14,7 @@ from __future__ import annotations
 import msgspec
 
 from spendgate_common.events_v1 import BudgetScope, Window
+from spendgate_common.limits import QUERY_PAGE_ITEMS_DEFAULT
 
 
 class Command(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True):
@@ -111,6 +112,42 @@ class QueryKey(Command, frozen=True, tag="QueryKey"):
     key_id: str
 
 
+class ListKeys(Command, frozen=True, tag="ListKeys"):
+    """Admin: one page of the tenant's keys in ``(label, key_id)`` order (read-only).
+
+    At most one of ``label`` (exactly this label) and ``label_prefix`` (labels starting
+    with it). ``cursor`` is the previous page's ``next_cursor``; ``limit`` is 1 to
+    ``QUERY_PAGE_ITEMS_MAX``.
+    """
+
+    label: str | None = None
+    label_prefix: str | None = None
+    limit: int = QUERY_PAGE_ITEMS_DEFAULT
+    cursor: str | None = None
+
+
+class ListBudgets(Command, frozen=True, tag="ListBudgets"):
+    """Admin: one page of the tenant's budgets in ``budget_id`` order (read-only).
+
+    ``scope`` ("" for every scope) is checked by the ledger, not by the decoder, so that
+    a wrong value fails this command alone and not the whole batch.
+    """
+
+    scope: str = ""
+    include_closed: bool = False
+    limit: int = QUERY_PAGE_ITEMS_DEFAULT
+    cursor: str | None = None
+
+
+class QueryRun(Command, frozen=True, tag="QueryRun"):
+    """Admin: the spend of a run, the tenant's keys with exactly ``label`` (read-only);
+    totals over all of them, and one page of the keys."""
+
+    label: str
+    limit: int = QUERY_PAGE_ITEMS_DEFAULT
+    cursor: str | None = None
+
+
 AnyCommand = (
     IssueKey
     | RevokeKey
@@ -123,6 +160,9 @@ AnyCommand = (
     | Release
     | MarkUnknown
     | QueryKey
+    | ListKeys
+    | ListBudgets
+    | QueryRun
 )
 
 
@@ -208,6 +248,37 @@ class BudgetState(Result, frozen=True, tag="BudgetState"):
     closed: bool
 
 
+class KeyPage(Result, frozen=True, tag="KeyPage"):
+    """A page of keys; ``next_cursor`` is None on the last page. A page may hold fewer
+    than ``limit`` keys while more follow (it is bounded in bytes too)."""
+
+    keys: list[KeyState]
+    next_cursor: str | None = None
+
+
+class BudgetPage(Result, frozen=True, tag="BudgetPage"):
+    """A page of budgets; may be short, even empty, while ``next_cursor`` is set."""
+
+    budgets: list[BudgetState]
+    next_cursor: str | None = None
+
+
+class RunSpend(Result, frozen=True, tag="RunSpend"):
+    """A run's totals over all its keys, each key in its own current window, and one page
+    of those keys. ``remaining_micros`` sums each key's own remaining (never negative)."""
+
+    label: str
+    tenant: str
+    key_count: int
+    cap_micros: int
+    committed_micros: int
+    reserved_micros: int
+    overrun_micros: int
+    remaining_micros: int
+    keys: list[KeyState]
+    next_cursor: str | None = None
+
+
 class Done(Result, frozen=True, tag="Done"):
     """A command with nothing else to report took effect (e.g. RevokeKey)."""
 
@@ -221,7 +292,19 @@ class Failed(Result, frozen=True, tag="Failed"):
     message: str
 
 
-AnyResult = KeyCreated | Granted | Denied | Settled | KeyState | BudgetState | Done | Failed
+AnyResult = (
+    KeyCreated
+    | Granted
+    | Denied
+    | Settled
+    | KeyState
+    | BudgetState
+    | KeyPage
+    | BudgetPage
+    | RunSpend
+    | Done
+    | Failed
+)
 
 
 class CommandBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -34,3 +34,12 @@ ALLOWED_VENDORS_PER_KEY_MAX = 32
 BUDGETS_PER_TENANT_MAX = 1_000
 # Most holds one sweep settles as expired (the rest wait for the next sweep).
 SWEEP_EVENTS_MAX = 1_000
+
+# Pages of the ledger's read-only list queries (ListKeys, ListBudgets, QueryRun): most
+# items per page, the default, and a bound on a page's JSON size (a page stops before
+# passing it, but always holds at least one item) so that a ledger reply stays far below
+# NATS's max_payload. A cursor is opaque text of at most QUERY_CURSOR_CHARS_MAX.
+QUERY_PAGE_ITEMS_MAX = 200
+QUERY_PAGE_ITEMS_DEFAULT = 50
+QUERY_PAGE_BYTES_MAX = 65_536
+QUERY_CURSOR_CHARS_MAX = 1_024

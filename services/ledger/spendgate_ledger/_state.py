@@ -62,9 +62,12 @@ from spendgate_common.ledger_v1 import (
     IssueKey,
     KeyCreated,
     KeyState,
+    ListBudgets,
+    ListKeys,
     MarkUnknown,
     QueryBudget,
     QueryKey,
+    QueryRun,
     Release,
     Reserve,
     RevokeKey,
@@ -88,6 +91,7 @@ from spendgate_common.partitioning import partition_for_tenant
 from spendgate_common.timezones import zone
 from spendgate_common.vault_keys import KEY_ID_PATTERN, SECRET_SHA256_PATTERN
 from spendgate_common.windows import window_bounds_ms
+from spendgate_ledger._queries import answer_query
 
 _WINDOWS: tuple[Window, ...] = ("total", "daily", "monthly")
 _BUDGET_SCOPES: tuple[BudgetScope, ...] = ("fleet", "vendor", "tenant")
@@ -248,6 +252,8 @@ class PartitionState:
     _expiry_buckets: dict[int, dict[str, None]] = field(default_factory=dict, compare=False)
     _expiry_seconds: list[int] = field(default_factory=list, compare=False)
     _tenant_of_partition: dict[str, bool] = field(default_factory=dict, compare=False)
+    # The read-only queries' sorted indexes (spendgate_ledger._queries), built on first use.
+    query_indexes: object = field(default=None, compare=False, repr=False)
 
     # ----------------------------------------------------------------- decisions (pure)
 
@@ -280,6 +286,8 @@ class PartitionState:
                 return self._decide_query_key(command, now_ms)
             case QueryBudget():
                 return self._decide_query_budget(command, now_ms)
+            case ListKeys() | ListBudgets() | QueryRun():
+                return Decision(answer_query(self, command, now_ms))
         raise AssertionError(f"unhandled command {command!r}")  # pragma: no cover
 
     def _owns_tenant(self, tenant: str) -> bool:
