@@ -11,6 +11,8 @@ from spendgate_common.settings import CommonSettings, Env
 # Vendors the gateway knows; each reads SPENDGATE_<VENDOR>_BASE_URL and _API_KEY.
 VENDOR_DEFAULT_BASE_URLS = {
     "stripe": "https://api.stripe.com",
+    "openai": "https://api.openai.com",
+    "anthropic": "https://api.anthropic.com",
 }
 
 

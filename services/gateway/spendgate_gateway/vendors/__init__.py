@@ -9,9 +9,11 @@ from spendgate_gateway.vendors._base import (
     UnpricedCallError,
     Vendor,
 )
+from spendgate_gateway.vendors.anthropic import Anthropic
+from spendgate_gateway.vendors.openai import OpenAI
 from spendgate_gateway.vendors.stripe import Stripe
 
-VENDORS: dict[str, Vendor] = {"stripe": Stripe()}
+VENDORS: dict[str, Vendor] = {"stripe": Stripe(), "openai": OpenAI(), "anthropic": Anthropic()}
 
 __all__ = [
     "VENDORS",

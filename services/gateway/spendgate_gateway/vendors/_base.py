@@ -80,7 +80,12 @@ class StreamMeter(Protocol):
     """Watches one streamed answer; the proxy feeds it every upstream chunk in order."""
 
     def feed(self, chunk: bytes) -> bytes:
-        """Observe upstream bytes; return the bytes the caller gets (usually ``chunk``)."""
+        """Observe upstream bytes; return the bytes the caller gets now (usually ``chunk``;
+        a meter may hold back an unfinished event until its end arrives)."""
+
+    def interruption(self, code: str, message: str) -> bytes:
+        """What the caller gets when the upstream stream broke off (a read timeout, a cut
+        connection): the vendor's own mid-stream error event, so its SDK raises."""
 
     def finish(self, complete: bool) -> Settlement:
         """Settle once the stream ended (``complete`` is False when it broke off)."""
