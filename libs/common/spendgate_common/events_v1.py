@@ -20,6 +20,26 @@ import msgspec
 Window = Literal["total", "daily", "monthly"]
 Scope = Literal["key", "fleet", "vendor", "tenant"]
 BudgetScope = Literal["fleet", "vendor", "tenant"]
+ContractDecision = Literal["allow", "stop", "require_approval", "degrade"]
+
+
+class ContractRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One rule of a tenant's contract set (docs/contracts.md).
+
+    ``when`` is a CEL expression over ``request`` and ``budget`` that must be a bool; when
+    it is true the rule's ``decision`` applies (the most restrictive match wins).
+    """
+
+    name: str
+    when: str
+    decision: ContractDecision
+    message: str = ""
+    # require_approval: how long the pending approval waits for an operator.
+    approval_ttl_seconds: int = 3_600
+    # degrade: the cheaper model to switch LLM calls to (None keeps the model).
+    degrade_model: str | None = None
+    # degrade: clamp the call's maximum output tokens so its estimate fits what remains.
+    degrade_clamp_max_tokens: bool = True
 
 
 class Event(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True):
@@ -90,6 +110,10 @@ class ReservationGranted(Event, frozen=True, tag="ReservationGranted"):
     budget_ids: list[str] = msgspec.field(default_factory=list)
     # The version of the price data the estimate used ("" when the caller priced it).
     pricing_version: str = ""
+    # The approval this grant used (its operator said yes), if a contract asked for one.
+    approval_id: str = ""
+    # The degrade rule the caller applied before this reserve, if any.
+    degraded_by: str = ""
 
 
 class ReservationDenied(Event, frozen=True, tag="ReservationDenied"):
@@ -164,6 +188,42 @@ class ReservationResumed(Event, frozen=True, tag="ReservationResumed"):
     key_id: str
 
 
+class ContractsSet(Event, frozen=True, tag="ContractsSet"):
+    """A tenant's contract set was replaced (``rules`` empty: no contracts)."""
+
+    tenant: str
+    version: int
+    rules: list[ContractRule]
+    source_sha256: str
+
+
+class ApprovalRequested(Event, frozen=True, tag="ApprovalRequested"):
+    """A reserve matched a ``require_approval`` rule: it waits for an operator."""
+
+    approval_id: str
+    tenant: str
+    key_id: str
+    label: str
+    amount_micros: int
+    vendor: str
+    operation: str
+    model: str
+    # The call's identity: its idempotency key, else ``sha256:<request fingerprint>``.
+    request_identity: str
+    request_sha256: str
+    contract: str
+    message: str
+    expires_at_ms: int
+
+
+class ApprovalDecided(Event, frozen=True, tag="ApprovalDecided"):
+    approval_id: str
+    tenant: str
+    approved: bool
+    by: str
+    note: str
+
+
 AnyEvent = (
     KeyIssued
     | KeyRevoked
@@ -178,6 +238,9 @@ AnyEvent = (
     | ReservationExpired
     | ReservationOutcomeUnknown
     | ReservationResumed
+    | ContractsSet
+    | ApprovalRequested
+    | ApprovalDecided
 )
 
 _encoder = msgspec.json.Encoder()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
-from spendgate_common.events_v1 import BudgetScope, Window
+from spendgate_common.events_v1 import BudgetScope, ContractRule, Window
 from spendgate_common.limits import QUERY_PAGE_ITEMS_DEFAULT
 
 
@@ -80,6 +80,10 @@ class Reserve(Command, frozen=True, tag="Reserve"):
     # idempotency key whose first attempt is still in flight is refused with
     # ``request_in_progress``, and one whose outcome was unknown resumes the hold.
     claim: bool = False
+    # The LLM model the call asks for ("" when not an LLM call), seen by contracts.
+    model: str = ""
+    # The degrade rule the caller already applied (its rules are not applied twice).
+    degraded_by: str = ""
 
 
 class Commit(Command, frozen=True, tag="Commit"):
@@ -104,6 +108,36 @@ class MarkUnknown(Command, frozen=True, tag="MarkUnknown"):
     secret_sha256: str
     reservation_id: str
     reason: str
+
+
+class SetContracts(Command, frozen=True, tag="SetContracts"):
+    """Admin: replace the tenant's contract set (validated: a bad rule refuses them all)."""
+
+    rules: list[ContractRule]
+    source_sha256: str = ""
+
+
+class QueryContracts(Command, frozen=True, tag="QueryContracts"):
+    pass
+
+
+class Approve(Command, frozen=True, tag="Approve"):
+    approval_id: str
+    by: str
+    note: str = ""
+
+
+class Reject(Command, frozen=True, tag="Reject"):
+    approval_id: str
+    by: str
+    note: str = ""
+
+
+class ListApprovals(Command, frozen=True, tag="ListApprovals"):
+    """Admin: the tenant's approvals, newest first (``status`` "" = any)."""
+
+    status: str = ""
+    limit: int = 100
 
 
 class QueryKey(Command, frozen=True, tag="QueryKey"):
@@ -159,6 +193,11 @@ AnyCommand = (
     | Commit
     | Release
     | MarkUnknown
+    | SetContracts
+    | QueryContracts
+    | Approve
+    | Reject
+    | ListApprovals
     | QueryKey
     | ListKeys
     | ListBudgets
@@ -279,6 +318,59 @@ class RunSpend(Result, frozen=True, tag="RunSpend"):
     next_cursor: str | None = None
 
 
+class ApprovalPending(Result, frozen=True, tag="ApprovalPending"):
+    """The reserve waits for an operator's approval; retry the same call once approved."""
+
+    approval_id: str
+    contract: str
+    message: str
+    expires_at_ms: int
+    replayed: bool = False
+
+
+class Degrade(Result, frozen=True, tag="Degrade"):
+    """Not granted yet: rewrite the call as the rule says, then reserve again with
+    ``degraded_by`` set to ``contract``."""
+
+    contract: str
+    message: str
+    model: str | None
+    clamp_max_tokens: bool
+    # What remains in the tightest scope: the rewritten call's estimate must fit in it.
+    remaining_micros: int
+
+
+class ContractsState(Result, frozen=True, tag="ContractsState"):
+    tenant: str
+    version: int
+    rules: list[ContractRule]
+    source_sha256: str
+    set_at_ms: int
+
+
+class ApprovalInfo(Result, frozen=True, tag="ApprovalInfo"):
+    approval_id: str
+    tenant: str
+    key_id: str
+    label: str
+    amount_micros: int
+    vendor: str
+    operation: str
+    model: str
+    contract: str
+    message: str
+    requested_at_ms: int
+    expires_at_ms: int
+    # pending, approved, rejected, expired or used (an approved call was granted).
+    status: str
+    decided_by: str = ""
+    note: str = ""
+
+
+class ApprovalList(Result, frozen=True, tag="ApprovalList"):
+    approvals: list[ApprovalInfo]
+
+
 class Done(Result, frozen=True, tag="Done"):
     """A command with nothing else to report took effect (e.g. RevokeKey)."""
 
@@ -302,6 +394,11 @@ AnyResult = (
     | KeyPage
     | BudgetPage
     | RunSpend
+    | ApprovalPending
+    | Degrade
+    | ContractsState
+    | ApprovalInfo
+    | ApprovalList
     | Done
     | Failed
 )

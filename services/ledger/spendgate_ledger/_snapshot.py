@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 
 import msgspec
 
-from spendgate_common.events_v1 import BudgetScope, Window
+from spendgate_common.events_v1 import ApprovalRequested, BudgetScope, ContractsSet, Window
 from spendgate_common.ledger_v1 import Denied, Granted
 from spendgate_ledger._state import (
     BudgetRecord,
@@ -84,6 +84,13 @@ class RememberedV1(msgspec.Struct, frozen=True, array_like=True):
     result: Granted | Denied
 
 
+class ApprovalV1(msgspec.Struct, frozen=True, array_like=True):
+    request: ApprovalRequested
+    status: str
+    decided_by: str
+    note: str
+
+
 class SnapshotV1(msgspec.Struct, frozen=True):
     version: int
     partition: int
@@ -94,6 +101,9 @@ class SnapshotV1(msgspec.Struct, frozen=True):
     holds: list[HoldV1]
     settled: list[SettledV1]  # oldest first
     remembered: list[RememberedV1]  # oldest first
+    # Absent in snapshots written before contracts existed.
+    contract_sets: list[ContractsSet] = msgspec.field(default_factory=list)
+    approvals: list[ApprovalV1] = msgspec.field(default_factory=list)  # oldest first
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -174,6 +184,20 @@ def encode_snapshot(state: PartitionState) -> bytes:
             )
             for at_ms, (key_id, idempotency_key) in state.idempotency_order
         ],
+        contract_sets=[
+            ContractsSet(
+                at_ms=contracts.set_at_ms,
+                tenant=tenant,
+                version=contracts.version,
+                rules=[compiled.rule for compiled in contracts.rules],
+                source_sha256=contracts.source_sha256,
+            )
+            for tenant, contracts in state.contracts.items()
+        ],
+        approvals=[
+            ApprovalV1(record.request, record.status, record.decided_by, record.note)
+            for record in state.approvals.values()
+        ],
     )
     return _encoder.encode(snapshot)
 
@@ -234,6 +258,19 @@ def decode_snapshot(body: bytes, fresh: PartitionState) -> PartitionState:
             remembered.request_sha256, remembered.result, remembered.at_ms
         )
         state.idempotency_order.append((remembered.at_ms, entry_key))
+    for contract_set in snapshot.contract_sets:
+        state.apply_contracts_set(contract_set)
+    for approval in snapshot.approvals:
+        state.apply_approval_requested(approval.request)
+        approval_record = state.approvals[approval.request.approval_id]
+        approval_record.status, approval_record.decided_by, approval_record.note = (
+            approval.status,
+            approval.decided_by,
+            approval.note,
+        )
+        if approval_record.status == "used":
+            request = approval_record.request
+            del state.approval_index[(request.key_id, request.request_identity)]
     return state
 
 

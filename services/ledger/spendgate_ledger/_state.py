@@ -32,10 +32,14 @@ import msgspec
 
 from spendgate_common.events_v1 import (
     AnyEvent,
+    ApprovalDecided,
+    ApprovalRequested,
     BudgetClosed,
     BudgetCreated,
     BudgetScope,
     BudgetUpdated,
+    ContractRule,
+    ContractsSet,
     KeyIssued,
     KeyRevoked,
     ReservationCommitted,
@@ -51,10 +55,16 @@ from spendgate_common.events_v1 import (
 from spendgate_common.ledger_v1 import (
     AnyCommand,
     AnyResult,
+    ApprovalInfo,
+    ApprovalList,
+    ApprovalPending,
+    Approve,
     BudgetState,
     CloseBudget,
     Commit,
+    ContractsState,
     CreateBudget,
+    Degrade,
     Denied,
     Done,
     Failed,
@@ -62,15 +72,19 @@ from spendgate_common.ledger_v1 import (
     IssueKey,
     KeyCreated,
     KeyState,
+    ListApprovals,
     ListBudgets,
     ListKeys,
     MarkUnknown,
     QueryBudget,
+    QueryContracts,
     QueryKey,
     QueryRun,
+    Reject,
     Release,
     Reserve,
     RevokeKey,
+    SetContracts,
     Settled,
     UpdateBudget,
 )
@@ -86,13 +100,17 @@ from spendgate_common.limits import (
     PRICING_VERSION_CHARS_MAX,
     SWEEP_EVENTS_MAX,
 )
-from spendgate_common.money import format_usd
+from spendgate_common.money import MICROS_PER_USD, format_usd
 from spendgate_common.partitioning import partition_for_tenant
 from spendgate_common.timezones import zone
 from spendgate_common.vault_keys import KEY_ID_PATTERN, SECRET_SHA256_PATTERN
 from spendgate_common.windows import window_bounds_ms
+from spendgate_ledger._contracts import TenantContracts, compile_rules
+from spendgate_ledger._contracts import decide as decide_contracts
 from spendgate_ledger._queries import answer_query
 
+# Most approvals one ListApprovals answers.
+APPROVALS_PAGE_MAX = 500
 _WINDOWS: tuple[Window, ...] = ("total", "daily", "monthly")
 _BUDGET_SCOPES: tuple[BudgetScope, ...] = ("fleet", "vendor", "tenant")
 BUDGET_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -202,6 +220,29 @@ class IdempotencyEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A contract's refusal: its stable code and the scope that refused."""
+
+    code: str
+    scope: str
+    scope_id: str
+
+
+@dataclass(slots=True)
+class ApprovalRecord:
+    request: ApprovalRequested
+    # pending, approved, rejected or used (expired is computed from the clock).
+    status: str = "pending"
+    decided_by: str = ""
+    note: str = ""
+
+    def status_at(self, now_ms: int) -> str:
+        if self.status == "pending" and now_ms >= self.request.expires_at_ms:
+            return "expired"
+        return self.status
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """What a command produced: the reply and the events to append (maybe none)."""
 
@@ -252,6 +293,11 @@ class PartitionState:
     _expiry_buckets: dict[int, dict[str, None]] = field(default_factory=dict, compare=False)
     _expiry_seconds: list[int] = field(default_factory=list, compare=False)
     _tenant_of_partition: dict[str, bool] = field(default_factory=dict, compare=False)
+    # Contract sets by tenant (compiled), approvals by id, and the approval of each call
+    # identity ``(key_id, idempotency key or "sha256:<fingerprint>")``.
+    contracts: dict[str, TenantContracts] = field(default_factory=dict)
+    approvals: dict[str, ApprovalRecord] = field(default_factory=dict)
+    approval_index: dict[tuple[str, str], str] = field(default_factory=dict)
     # The read-only queries' sorted indexes (spendgate_ledger._queries), built on first use.
     query_indexes: object = field(default=None, compare=False, repr=False)
 
@@ -274,6 +320,14 @@ class PartitionState:
                 return self._decide_settle(command, now_ms)
             case MarkUnknown():
                 return self._decide_mark_unknown(command, now_ms)
+            case SetContracts():
+                return self._decide_set_contracts(command, now_ms)
+            case QueryContracts():
+                return Decision(self._contracts_state(command.tenant))
+            case Approve() | Reject():
+                return self._decide_approval(command, now_ms)
+            case ListApprovals():
+                return Decision(self._list_approvals(command, now_ms))
             case IssueKey():
                 return self._decide_issue_key(command, now_ms)
             case RevokeKey():
@@ -339,6 +393,13 @@ class PartitionState:
                     return Decision(Failed("idempotency_conflict", message))
                 return self._replay(seen.result, command, now_ms)
         budgets = self._budgets_for(key, command.vendor)
+        approval_id = ""
+        contracts = self.contracts.get(key.tenant)
+        if contracts is not None and contracts.rules:
+            verdict = self._apply_contracts(contracts, key, budgets, command, fingerprint, now_ms)
+            if isinstance(verdict, Decision):
+                return verdict
+            approval_id = verdict
         key_window = key.meter.window_start_for(now_ms)
         for scope, scope_id, meter in self._scopes(key, budgets):
             window_start = meter.window_start_for(now_ms)
@@ -376,6 +437,8 @@ class PartitionState:
             expires_at_ms=now_ms + hold_ms,
             budget_ids=[budget.budget_id for budget in budgets],
             pricing_version=command.pricing_version,
+            approval_id=approval_id,
+            degraded_by=command.degraded_by,
         )
         result = Granted(
             reservation_id=granted.reservation_id,
@@ -386,6 +449,257 @@ class PartitionState:
             cap_micros=key.meter.cap_micros,
         )
         return Decision(result, (granted,))
+
+    # ------------------------------------------------------------ contracts, approvals
+
+    def _apply_contracts(
+        self,
+        contracts: TenantContracts,
+        key: KeyRecord,
+        budgets: list[BudgetRecord],
+        command: Reserve,
+        fingerprint: str,
+        now_ms: int,
+    ) -> Decision | str:
+        """A decision that ends the reserve here, or the approval id it may proceed with
+        ("" when no rule stands in the way)."""
+
+        def remaining_in(meter: Meter) -> int:
+            spent = meter.committed_in(meter.window_start_for(now_ms))
+            return max(0, meter.cap_micros - spent - meter.reserved_micros)
+
+        # The scope with the least left is the "budget" rules talk about.
+        scope, scope_id, meter = min(self._scopes(key, budgets), key=lambda s: remaining_in(s[2]))
+        spent = meter.committed_in(meter.window_start_for(now_ms))
+        remaining = remaining_in(meter)
+        context: dict[str, object] = {
+            "request": {
+                "vendor": command.vendor,
+                "operation": command.operation,
+                "amount_micros": command.amount_micros,
+                "amount_usd": command.amount_micros / MICROS_PER_USD,
+                "model": command.model,
+                "key_id": key.key_id,
+                "key_label": key.label,
+                "fleet_labels": list(key.fleet_labels),
+            },
+            "budget": {
+                "scope": scope,
+                "scope_id": scope_id,
+                "cap_micros": meter.cap_micros,
+                "spent_micros": spent,
+                "reserved_micros": meter.reserved_micros,
+                "remaining_micros": remaining,
+                "cap_usd": meter.cap_micros / MICROS_PER_USD,
+                "spent_usd": spent / MICROS_PER_USD,
+                "reserved_usd": meter.reserved_micros / MICROS_PER_USD,
+                "remaining_usd": remaining / MICROS_PER_USD,
+                "percent_used": 100.0 * (spent + meter.reserved_micros) / meter.cap_micros,
+            },
+        }
+        rules = contracts.rules
+        if command.degraded_by:
+            rules = tuple(r for r in rules if r.rule.decision != "degrade")
+        rule = decide_contracts(rules, context)
+        if rule is None:
+            return ""
+        message = rule.message or f"contract rule {rule.name!r} decided {rule.decision}"
+        if rule.decision == "degrade":
+            degrade = Degrade(
+                contract=rule.name,
+                message=message,
+                model=rule.degrade_model,
+                clamp_max_tokens=rule.degrade_clamp_max_tokens,
+                remaining_micros=remaining,
+            )
+            return Decision(degrade)
+        if rule.decision == "stop":
+            refusal = _Refusal("contract_stop", "contract", rule.name)
+            return self._contract_denial(refusal, key, command, fingerprint, meter, now_ms)
+        return self._approval_gate(rule, key, command, fingerprint, meter, now_ms)
+
+    def _approval_gate(
+        self,
+        rule: ContractRule,
+        key: KeyRecord,
+        command: Reserve,
+        fingerprint: str,
+        meter: Meter,
+        now_ms: int,
+    ) -> Decision | str:
+        identity = command.idempotency_key or f"sha256:{fingerprint}"
+        approval_id = self.approval_index.get((key.key_id, identity))
+        record = self.approvals.get(approval_id) if approval_id is not None else None
+        status = record.status_at(now_ms) if record is not None else "none"
+        if record is not None and status == "approved":
+            return record.request.approval_id
+        if record is not None and status == "pending":
+            request = record.request
+            pending = ApprovalPending(
+                request.approval_id,
+                request.contract,
+                request.message,
+                request.expires_at_ms,
+                replayed=True,
+            )
+            return Decision(pending)
+        if record is not None and command.idempotency_key is not None:
+            # The same call (same idempotency key) was rejected or its approval lapsed.
+            code = "approval_rejected" if status == "rejected" else "approval_expired"
+            refusal = _Refusal(code, "approval", record.request.approval_id)
+            return self._contract_denial(refusal, key, command, fingerprint, meter, now_ms)
+        # No approval yet (or, for a call without an idempotency key, none usable).
+        message = rule.message or f"contract rule {rule.name!r} requires an approval"
+        requested = ApprovalRequested(
+            at_ms=now_ms,
+            approval_id=self._next_id("apr"),
+            tenant=key.tenant,
+            key_id=key.key_id,
+            label=key.label,
+            amount_micros=command.amount_micros,
+            vendor=command.vendor,
+            operation=command.operation,
+            model=command.model,
+            request_identity=identity,
+            request_sha256=fingerprint,
+            contract=rule.name,
+            message=message,
+            expires_at_ms=now_ms + rule.approval_ttl_seconds * 1000,
+        )
+        pending = ApprovalPending(
+            requested.approval_id, rule.name, message, requested.expires_at_ms
+        )
+        return Decision(pending, (requested,))
+
+    def _contract_denial(
+        self,
+        refusal: _Refusal,
+        key: KeyRecord,
+        command: Reserve,
+        fingerprint: str,
+        meter: Meter,
+        now_ms: int,
+    ) -> Decision:
+        window_start = meter.window_start_for(now_ms)
+        denied = ReservationDenied(
+            at_ms=now_ms,
+            decision_id=self._next_id("dcn"),
+            key_id=key.key_id,
+            amount_micros=command.amount_micros,
+            vendor=command.vendor,
+            operation=command.operation,
+            idempotency_key=command.idempotency_key,
+            request_sha256=fingerprint,
+            code=refusal.code,
+            scope=refusal.scope,
+            scope_id=refusal.scope_id,
+            committed_micros=meter.committed_in(window_start),
+            reserved_micros=meter.reserved_micros,
+            cap_micros=meter.cap_micros,
+            window_start_at_ms=window_start,
+        )
+        return Decision(self._denied_result(denied), (denied,))
+
+    def _decide_set_contracts(self, command: SetContracts, now_ms: int) -> Decision:
+        compiled = compile_rules(command.rules)
+        if isinstance(compiled, Failed):
+            return Decision(compiled)
+        current = self.contracts.get(command.tenant)
+        event = ContractsSet(
+            at_ms=now_ms,
+            tenant=command.tenant,
+            version=(current.version if current is not None else 0) + 1,
+            rules=list(command.rules),
+            source_sha256=command.source_sha256,
+        )
+        state = ContractsState(
+            command.tenant, event.version, event.rules, event.source_sha256, now_ms
+        )
+        return Decision(state, (event,))
+
+    def _contracts_state(self, tenant: str) -> ContractsState:
+        current = self.contracts.get(tenant)
+        if current is None:
+            return ContractsState(tenant, 0, [], "", 0)
+        return ContractsState(
+            tenant,
+            current.version,
+            [compiled.rule for compiled in current.rules],
+            current.source_sha256,
+            current.set_at_ms,
+        )
+
+    def _decide_approval(self, command: Approve | Reject, now_ms: int) -> Decision:
+        record = self.approvals.get(command.approval_id)
+        if record is None or record.request.tenant != command.tenant:
+            return Decision(Failed("approval_not_found", "no such approval in this tenant"))
+        status = record.status_at(now_ms)
+        if status != "pending":
+            return Decision(Failed("approval_not_pending", f"the approval is {status}"))
+        if not 0 < len(command.by) <= LABEL_CHARS_MAX:
+            return Decision(Failed("invalid_approver", "say who decides (1 to 128 characters)"))
+        decided = ApprovalDecided(
+            at_ms=now_ms,
+            approval_id=record.request.approval_id,
+            tenant=command.tenant,
+            approved=isinstance(command, Approve),
+            by=command.by,
+            note=command.note[:OPERATION_CHARS_MAX],
+        )
+        info = msgspec.structs.replace(
+            self._approval_info(record, now_ms),
+            status="approved" if decided.approved else "rejected",
+            decided_by=decided.by,
+            note=decided.note,
+        )
+        return Decision(info, (decided,))
+
+    def _approval_info(self, record: ApprovalRecord, now_ms: int) -> ApprovalInfo:
+        request = record.request
+        return ApprovalInfo(
+            approval_id=request.approval_id,
+            tenant=request.tenant,
+            key_id=request.key_id,
+            label=request.label,
+            amount_micros=request.amount_micros,
+            vendor=request.vendor,
+            operation=request.operation,
+            model=request.model,
+            contract=request.contract,
+            message=request.message,
+            requested_at_ms=request.at_ms,
+            expires_at_ms=request.expires_at_ms,
+            status=record.status_at(now_ms),
+            decided_by=record.decided_by,
+            note=record.note,
+        )
+
+    def _list_approvals(self, command: ListApprovals, now_ms: int) -> ApprovalList | Failed:
+        if not 0 < command.limit <= APPROVALS_PAGE_MAX:
+            return Failed("invalid_limit", f"limit must be 1 to {APPROVALS_PAGE_MAX}")
+        found: list[ApprovalInfo] = []
+        for record in reversed(self.approvals.values()):
+            if record.request.tenant != command.tenant:
+                continue
+            info = self._approval_info(record, now_ms)
+            if command.status and info.status != command.status:
+                continue
+            found.append(info)
+            if len(found) == command.limit:
+                break
+        return ApprovalList(found)
+
+    def apply_contracts_set(self, event: ContractsSet) -> None:
+        compiled = compile_rules(event.rules)
+        # The log holds only sets that compiled when they were decided.
+        assert not isinstance(compiled, Failed), compiled
+        self.contracts[event.tenant] = TenantContracts(
+            event.version, compiled, event.source_sha256, event.at_ms
+        )
+
+    def apply_approval_requested(self, event: ApprovalRequested) -> None:
+        self.approvals[event.approval_id] = ApprovalRecord(event)
+        self.approval_index[(event.key_id, event.request_identity)] = event.approval_id
 
     def _replay(self, original: Granted | Denied, command: Reserve, now_ms: int) -> Decision:
         """The original answer to a retry with the same idempotency key.
@@ -457,6 +771,8 @@ class PartitionState:
         return [self.budgets[(key.tenant, budget_id)] for budget_id in budget_ids]
 
     def _denied_result(self, event: ReservationDenied) -> Denied:
+        if event.scope in ("contract", "approval"):
+            return self._contract_denied_result(event)
         if event.scope == "key":
             key = self.keys[event.key_id]
             subject, window = f"key '{key.label}'", key.meter.window
@@ -469,6 +785,35 @@ class PartitionState:
             f"${format_usd(event.amount_micros)}, remaining ${format_usd(remaining)} of "
             f"${format_usd(event.cap_micros)} ({window} window)"
         )
+        return Denied(
+            decision_id=event.decision_id,
+            code=event.code,
+            message=message,
+            scope=event.scope,
+            scope_id=event.scope_id,
+            committed_micros=event.committed_micros,
+            reserved_micros=event.reserved_micros,
+            cap_micros=event.cap_micros,
+            requested_micros=event.amount_micros,
+        )
+
+    def _contract_denied_result(self, event: ReservationDenied) -> Denied:
+        """The answer to a reserve a contract refused (rebuilt alike when replaying the log:
+        the tenant's rules at that point of the log are the ones that decided)."""
+        if event.code == "contract_stop":
+            tenant = self.keys[event.key_id].tenant
+            contracts = self.contracts.get(tenant)
+            rules = contracts.rules if contracts is not None else ()
+            said = next((c.rule.message for c in rules if c.rule.name == event.scope_id), "")
+            message = f"Spendgate: stopped by contract rule '{event.scope_id}'"
+            message += f": {said}" if said else ""
+        elif event.code == "approval_rejected":
+            message = f"Spendgate: approval {event.scope_id} was rejected; the call is refused"
+        else:
+            message = (
+                f"Spendgate: approval {event.scope_id} lapsed before an operator decided; "
+                "retry with a new idempotency key to ask again"
+            )
         return Denied(
             decision_id=event.decision_id,
             code=event.code,
@@ -728,6 +1073,14 @@ class PartitionState:
                         # Conservative: the call may have happened, count the full hold.
                         meter.committed_micros += hold.amount_micros
                 self._settle(event.reservation_id, "expired" if expired else "released", at_ms)
+            case ContractsSet():
+                self.apply_contracts_set(event)
+            case ApprovalRequested():
+                self.apply_approval_requested(event)
+            case ApprovalDecided():
+                record = self.approvals[event.approval_id]
+                record.status = "approved" if event.approved else "rejected"
+                record.decided_by, record.note = event.by, event.note
             case ReservationOutcomeUnknown():
                 self.holds[event.reservation_id].in_flight = False
             case ReservationResumed():
@@ -753,6 +1106,11 @@ class PartitionState:
 
     def _apply_granted(self, event: ReservationGranted, at_ms: int) -> None:
         key = self.keys[event.key_id]
+        if event.approval_id:
+            # An approval lets one call through: the next one asks again.
+            record = self.approvals[event.approval_id]
+            record.status = "used"
+            del self.approval_index[(record.request.key_id, record.request.request_identity)]
         hold = Hold(
             event.reservation_id,
             event.key_id,
