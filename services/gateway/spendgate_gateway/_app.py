@@ -6,27 +6,21 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
 
 import httpx
-import msgspec
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
 from spendgate_common import nats_adapter
 from spendgate_common.errors import SpendgateError
+from spendgate_gateway import _control_api
 from spendgate_gateway._audit_api import audit_router
-from spendgate_gateway._control import (
-    ControlPlane,
-    CreateBudgetRequest,
-    IssueKeyRequest,
-    RevokeKeyRequest,
-    UpdateBudgetRequest,
-)
+from spendgate_gateway._control import ControlPlane
 from spendgate_gateway._failures import exception_status_code_message
 from spendgate_gateway._ledger_client import LedgerClient
 from spendgate_gateway._proxy import Proxy
+from spendgate_gateway._reservations import DirectReservations
 from spendgate_gateway._responses import error_response, json_response
 from spendgate_gateway._settings import GatewaySettings
 
@@ -55,32 +49,6 @@ def _upstream_client(settings: GatewaySettings, base_url: str) -> httpx.AsyncCli
     )
 
 
-REQUEST_BODIES = (IssueKeyRequest, RevokeKeyRequest, CreateBudgetRequest, UpdateBudgetRequest)
-_REF_TEMPLATE = "#/components/schemas/{name}"
-_BODY_SCHEMAS, _BODY_COMPONENTS = msgspec.json.schema_components(
-    REQUEST_BODIES, ref_template=_REF_TEMPLATE
-)
-
-
-def body(body_type: type[msgspec.Struct]) -> dict[str, object]:
-    """OpenAPI ``requestBody`` of a msgspec request type (the schema lives in components)."""
-    schema = _BODY_SCHEMAS[REQUEST_BODIES.index(body_type)]
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def _with_body_components(app: FastAPI) -> None:
-    """Merge the msgspec request schemas into the generated OpenAPI document."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        document = generate()
-        schemas = document.setdefault("components", {}).setdefault("schemas", {})
-        schemas.update(_BODY_COMPONENTS)
-        return document
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def create_app(settings: GatewaySettings) -> FastAPI:
     """The gateway app. NATS and upstream clients are opened in its lifespan."""
     holder: dict[str, object] = {}
@@ -103,7 +71,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             for name, vendor in settings.vendors.items()
         }
         proxy = Proxy(settings, ledger, clients)
-        holder.update(nats=nats, proxy=proxy, control=ControlPlane(settings, ledger))
+        holder.update(
+            nats=nats,
+            proxy=proxy,
+            control=ControlPlane(settings, ledger),
+            reservations=DirectReservations(ledger),
+        )
         _log.info("gateway serving on %s:%d", settings.host, settings.port)
         try:
             yield
@@ -139,48 +112,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         connected = bool(nats is not None and getattr(nats, "is_connected", False))
         return json_response(200 if connected else 503, {"ready": connected})
 
-    def control() -> ControlPlane:
-        plane = holder.get("control")
-        assert isinstance(plane, ControlPlane), "lifespan has not started"
-        return plane
-
-    @app.post("/v1/keys", tags=["keys"], status_code=201, openapi_extra=body(IssueKeyRequest))
-    async def issue_key(request: Request) -> Response:
-        """Issue a vault key with a cap. The plaintext key is returned only here."""
-        return await control().issue_key(request)
-
-    @app.get("/v1/keys/{key_id}", tags=["keys"])
-    async def get_key(request: Request, key_id: str, tenant: str = "default") -> Response:
-        """A key's cap, committed, reserved, overrun and remaining in its current window."""
-        return await control().get_key(request)
-
-    @app.post("/v1/keys/{key_id}/revoke", tags=["keys"], openapi_extra=body(RevokeKeyRequest))
-    async def revoke_key(request: Request, key_id: str, tenant: str = "default") -> Response:
-        """Revoke a key: refused from now on; its open reservations can still settle."""
-        return await control().revoke_key(request)
-
-    @app.post(
-        "/v1/budgets", tags=["budgets"], status_code=201, openapi_extra=body(CreateBudgetRequest)
-    )
-    async def create_budget(request: Request) -> Response:
-        """Create a fleet, vendor or tenant budget with its own cap and window."""
-        return await control().create_budget(request)
-
-    @app.get("/v1/budgets/{budget_id}", tags=["budgets"])
-    async def get_budget(request: Request, budget_id: str, tenant: str = "default") -> Response:
-        """A budget's cap, committed, reserved, overrun and remaining in its current window."""
-        return await control().get_budget(request)
-
-    @app.patch("/v1/budgets/{budget_id}", tags=["budgets"], openapi_extra=body(UpdateBudgetRequest))
-    async def update_budget(request: Request, budget_id: str, tenant: str = "default") -> Response:
-        """Change a budget's cap (a lower cap denies further reserves; holds stay)."""
-        return await control().update_budget(request)
-
-    @app.delete("/v1/budgets/{budget_id}", tags=["budgets"])
-    async def close_budget(request: Request, budget_id: str, tenant: str = "default") -> Response:
-        """Close a budget: it stops applying; its open holds still settle into it."""
-        return await control().close_budget(request)
-
+    _control_api.install(app, holder)
     app.include_router(audit_router(settings, holder))
 
     @app.api_route("/{vendor}/{path:path}", methods=PROXY_METHODS, tags=["proxy"])
@@ -190,5 +122,4 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         assert isinstance(proxy, Proxy)
         return await proxy.handle(request)
 
-    _with_body_components(app)
     return app
