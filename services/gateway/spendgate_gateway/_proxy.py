@@ -36,6 +36,7 @@ from spendgate_gateway._ledger_client import LedgerClient
 from spendgate_gateway._responses import error_response, json_response, read_body
 from spendgate_gateway._settings import GatewaySettings
 from spendgate_gateway.vendors import VENDORS, Call, Estimate, Outcome, Vendor
+from spendgate_gateway.vendors._pricer import Pricer
 
 _log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class Proxy:
         self._settings = settings
         self._ledger = ledger
         self._clients = clients
+        # Estimators configured by the settings, and fixed costs (vendors/_pricer.py).
+        self._pricer = Pricer(settings)
         self._settling: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: Request) -> Response:
@@ -132,7 +135,7 @@ class Proxy:
             )
         body = await read_body(request, self._settings.body_bytes_max)
         agent_call = Call(request.method, path, request.url.query, request.headers, body)
-        estimate = vendor.estimate(agent_call)
+        estimate = self._pricer.estimate(vendor, agent_call)
         result = await self._ledger.execute(
             Reserve(
                 tenant=key.tenant,

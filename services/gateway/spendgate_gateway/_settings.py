@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from spendgate_common.errors import ConfigurationError
 from spendgate_common.settings import CommonSettings, Env
+from spendgate_gateway.vendors._fixed import NO_FIXED_COSTS, FixedCosts, parse_fixed_costs
+from spendgate_gateway.vendors.twilio import TWILIO_DEFAULTS, TwilioSettings
 
 # Vendors the gateway knows; each reads SPENDGATE_<VENDOR>_BASE_URL and _API_KEY.
 VENDOR_DEFAULT_BASE_URLS = {
     "stripe": "https://api.stripe.com",
     "openai": "https://api.openai.com",
     "anthropic": "https://api.anthropic.com",
+    "twilio": "https://api.twilio.com",
+    "resend": "https://api.resend.com",
 }
 
 
@@ -40,6 +44,10 @@ class GatewaySettings:
     upstream_read_timeout: timedelta
     upstream_connections_max: int
     shutdown_deadline: timedelta
+    # Twilio's account SID and call limit (vendors/twilio.py).
+    twilio: TwilioSettings = TWILIO_DEFAULTS
+    # SPENDGATE_FIXED_COSTS: what calls that no estimator prices cost (vendors/_fixed.py).
+    fixed_costs: FixedCosts = NO_FIXED_COSTS
 
     @classmethod
     def from_env(cls, env: Env) -> GatewaySettings:
@@ -54,6 +62,12 @@ class GatewaySettings:
             )
             for name, default in VENDOR_DEFAULT_BASE_URLS.items()
         }
+        twilio = TwilioSettings.from_env(env, vendors["twilio"].api_key)
+        twilio_token = vendors["twilio"].api_key
+        if twilio_token is not None:
+            # Twilio's credential is the pair, sent upstream as Basic auth.
+            credential = f"{twilio.account_sid}:{twilio_token}"
+            vendors["twilio"] = replace(vendors["twilio"], api_key=credential)
         return cls(
             common=CommonSettings.from_env(env),
             admin_token=admin_token,
@@ -83,5 +97,9 @@ class GatewaySettings:
             ),
             shutdown_deadline=env.seconds(
                 "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
+            ),
+            twilio=twilio,
+            fixed_costs=parse_fixed_costs(
+                env.optional_text("SPENDGATE_FIXED_COSTS"), VENDOR_DEFAULT_BASE_URLS
             ),
         )

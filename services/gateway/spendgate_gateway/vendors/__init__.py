@@ -11,9 +11,19 @@ from spendgate_gateway.vendors._base import (
 )
 from spendgate_gateway.vendors.anthropic import Anthropic
 from spendgate_gateway.vendors.openai import OpenAI
+from spendgate_gateway.vendors.resend import Resend
 from spendgate_gateway.vendors.stripe import Stripe
+from spendgate_gateway.vendors.twilio import Twilio
 
-VENDORS: dict[str, Vendor] = {"stripe": Stripe(), "openai": OpenAI(), "anthropic": Anthropic()}
+# Twilio here has no settings: it serves keys, settling and errors; the estimate step uses
+# one configured from the settings (vendors/_pricer.py).
+VENDORS: dict[str, Vendor] = {
+    "stripe": Stripe(),
+    "openai": OpenAI(),
+    "anthropic": Anthropic(),
+    "twilio": Twilio(),
+    "resend": Resend(),
+}
 
 __all__ = [
     "VENDORS",

@@ -1,25 +1,42 @@
-"""Stripe: amounts in the smallest currency unit from form-encoded or JSON bodies.
+"""Stripe: money movements priced from the body's amount, converted to USD by a versioned table.
 
-Priced calls (walking skeleton): ``POST /v1/payment_intents`` and ``POST /v1/charges``
-in USD. Other currencies (FX table) and other endpoints arrive with the vendors issue;
-until then they are refused (``unsupported_currency`` / ``unpriced_call``), never
-forwarded unpriced.
+Priced operations (form-encoded, as Stripe's SDKs send them, or JSON):
+
+* ``POST /v1/charges``, ``/v1/payment_intents``, ``/v1/transfers``, ``/v1/payouts``:
+  ``amount`` in the currency's smallest unit and ``currency``, converted with
+  ``pricing/stripe.json`` (USD per unit, conservative, and the currency's decimals);
+* ``POST /v1/payment_intents/{id}`` (update): a new ``amount`` is priced in full (the
+  gateway keeps no state, so it cannot subtract the amount counted at creation); an
+  update without ``amount`` and ``currency`` moves no money and is a free call;
+* free calls (see ``_fixed.py``: one micro-USD held and always released): confirming,
+  capturing and cancelling a payment intent, capturing a charge, and refunds
+  (``/v1/refunds``, ``/v1/charges/{id}/refunds``).
+
+A payment intent is counted when it is created, confirmed or not. Its confirmation often
+happens in the browser with the publishable key, which never passes the gateway, and a
+confirm or capture call carries no amount that a stateless gateway could read; so the
+creation is the one moment both visible and priceable. An intent that is never confirmed
+stays counted (conservative). Other endpoints are ``unpriced_call`` unless a fixed cost
+is configured. An unknown currency is ``400 unsupported_currency``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import re
-import urllib.parse
 from collections.abc import Mapping
-from decimal import Decimal
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 import msgspec
 
 from spendgate_common.errors import InvalidRequestError
 from spendgate_common.limits import AMOUNT_MICROS_MAX
-from spendgate_common.money import MICROS_PER_CENT
+from spendgate_common.money import MICROS_PER_USD
+from spendgate_gateway.pricing import load_pricing
 from spendgate_gateway.vendors._base import (
     Call,
     Estimate,
@@ -28,13 +45,115 @@ from spendgate_gateway.vendors._base import (
     StreamMeter,
     UnpricedCallError,
 )
+from spendgate_gateway.vendors._bodies import (
+    form_pairs,
+    json_value,
+    media_type,
+    unsupported_media_type,
+)
+from spendgate_gateway.vendors._fixed import free_call_estimate, settle_fixed
 
-# Most fields we parse from a form body (Stripe's own bodies are far smaller).
-FORM_FIELDS_MAX = 1_000
-_PRICED_OPERATIONS = frozenset({("POST", "v1/payment_intents"), ("POST", "v1/charges")})
-_SUPPORTED_CURRENCIES = frozenset({"usd"})
 _DIGITS = re.compile(r"^[0-9]{1,18}$")
-_json_decoder = msgspec.json.Decoder(float_hook=Decimal)
+_CURRENCY_CODE = re.compile(r"^[a-z]{3}$")
+_CURRENCY_DECIMALS = frozenset({0, 2, 3})
+
+
+class _Currency(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # USD per major unit (one euro, one yen), a decimal string, rounded up.
+    usd_per_unit: str
+    # Digits of the amount in Stripe's API: USD 2 (cents), JPY 0, KWD 3.
+    decimals: int
+
+
+class _StripePricing(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    version: str
+    basis: str
+    currencies: dict[str, _Currency]
+
+
+def _micros_per_minor_unit(pricing: _StripePricing) -> dict[str, Fraction]:
+    """USD micros per smallest unit of each currency, exact (checked once, at import)."""
+    rates: dict[str, Fraction] = {}
+    for code, currency in pricing.currencies.items():
+        if not _CURRENCY_CODE.match(code) or currency.decimals not in _CURRENCY_DECIMALS:
+            raise ValueError(f"pricing/stripe.json: bad currency entry {code!r}")
+        try:
+            usd_per_unit = Decimal(currency.usd_per_unit)
+        except InvalidOperation:
+            raise ValueError(f"pricing/stripe.json: {code}: rate is not a decimal") from None
+        if not usd_per_unit.is_finite() or usd_per_unit <= 0:
+            raise ValueError(f"pricing/stripe.json: {code}: rate must be positive")
+        rates[code] = Fraction(usd_per_unit) * MICROS_PER_USD / 10**currency.decimals
+    return rates
+
+
+PRICING = load_pricing("stripe", _StripePricing)
+_RATES = _micros_per_minor_unit(PRICING)
+
+
+def usd_micros(amount: int, currency: str) -> int:
+    """``amount`` smallest units of ``currency`` in micro-USD, rounded up.
+
+    Raises ``400 unsupported_currency`` for a currency not in the table.
+    """
+    rate = _RATES.get(currency.lower())
+    if rate is None:
+        raise InvalidRequestError(
+            "unsupported_currency",
+            f"currency {currency!r} is not priced (pricing {PRICING.version} has "
+            f"{len(_RATES)} currencies; see docs/vendors.md)",
+        )
+    exact = amount * rate
+    return -(-exact.numerator // exact.denominator)
+
+
+class _Kind(enum.Enum):
+    AMOUNT = "amount"  # priced from amount + currency
+    UPDATE = "update"  # priced when it sets an amount, free otherwise
+    FREE = "free"  # moves no money the gateway has not counted already
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    method: str
+    # Path segments; "{id}" matches any one segment.
+    segments: tuple[str, ...]
+    kind: _Kind
+    # Why a free route is free (recorded in its estimate's details).
+    reason: str = ""
+
+    @property
+    def operation(self) -> str:
+        return f"{self.method} /" + "/".join(self.segments)
+
+    def matches(self, method: str, segments: list[str]) -> bool:
+        return (
+            method == self.method
+            and len(segments) == len(self.segments)
+            and all(
+                want in ("{id}", got) for want, got in zip(self.segments, segments, strict=True)
+            )
+        )
+
+
+def _route(path: str, kind: _Kind, reason: str = "") -> _Route:
+    return _Route("POST", tuple(path.split("/")), kind, reason)
+
+
+_COUNTED_AT_CREATION = "counted when the payment intent or charge was created"
+ROUTES = (
+    _route("v1/charges", _Kind.AMOUNT),
+    _route("v1/payment_intents", _Kind.AMOUNT),
+    _route("v1/transfers", _Kind.AMOUNT),
+    _route("v1/payouts", _Kind.AMOUNT),
+    _route("v1/payment_intents/{id}", _Kind.UPDATE),
+    _route("v1/payment_intents/{id}/confirm", _Kind.FREE, _COUNTED_AT_CREATION),
+    _route("v1/payment_intents/{id}/capture", _Kind.FREE, _COUNTED_AT_CREATION),
+    _route("v1/payment_intents/{id}/cancel", _Kind.FREE, "a cancellation moves no money"),
+    _route("v1/charges/{id}/capture", _Kind.FREE, _COUNTED_AT_CREATION),
+    _route("v1/refunds", _Kind.FREE, "a refund returns money"),
+    _route("v1/charges/{id}/refunds", _Kind.FREE, "a refund returns money"),
+)
 
 
 class Stripe:
@@ -58,27 +177,34 @@ class Stripe:
         return None
 
     def estimate(self, call: Call) -> Estimate:
-        method, path = call.method, call.path
-        if (method, path) not in _PRICED_OPERATIONS:
-            raise UnpricedCallError(self.name, method, path)
+        segments = call.path.split("/")
+        route = next((r for r in ROUTES if r.matches(call.method, segments)), None)
+        if route is None:
+            raise UnpricedCallError(self.name, call.method, call.path)
+        if route.kind is _Kind.FREE:
+            return free_call_estimate(route.operation, PRICING.version, route.reason)
         fields = _parse_body(call.content_type, call.body)
+        if route.kind is _Kind.UPDATE and "amount" not in fields:
+            if "currency" in fields:
+                raise InvalidRequestError(
+                    "missing_amount", "an update that changes the currency must give the amount"
+                )
+            return free_call_estimate(route.operation, PRICING.version, "no amount is changed")
         amount = fields.get("amount")
         currency = fields.get("currency")
         if amount is None:
             raise InvalidRequestError("missing_amount", "the request has no amount")
         if not isinstance(currency, str) or not currency:
             raise InvalidRequestError("missing_currency", "the request has no currency")
-        if currency.lower() not in _SUPPORTED_CURRENCIES:
-            raise InvalidRequestError(
-                "unsupported_currency", f"currency {currency!r} is not priced (supported: usd)"
-            )
-        cents = _whole_amount(amount)
-        micros = cents * MICROS_PER_CENT
+        micros = usd_micros(_whole_amount(amount), currency)
         if micros > AMOUNT_MICROS_MAX:
             raise InvalidRequestError("invalid_amount", "amount is above the maximum")
-        return Estimate(micros, f"{method} /{path}")
+        return Estimate(micros, route.operation, pricing_version=PRICING.version)
 
     def settle(self, status_code: int, body: bytes, estimate: Estimate) -> Settlement:
+        fixed = settle_fixed(status_code, estimate)
+        if fixed is not None:
+            return fixed
         if 200 <= status_code < 300:
             return Settlement(Outcome.SPENT, estimate.amount_micros)
         if 400 <= status_code < 500:
@@ -101,39 +227,20 @@ class Stripe:
 
 
 def _parse_body(content_type: str, body: bytes) -> Mapping[str, object]:
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type == "application/json":
-        try:
-            parsed = _json_decoder.decode(body)
-        except msgspec.DecodeError as error:
-            raise InvalidRequestError(
-                "malformed_json", f"the JSON body is malformed: {error}"
-            ) from None
+    kind = media_type(content_type)
+    if kind == "application/json":
+        parsed = json_value(body)
         if not isinstance(parsed, dict):
             raise InvalidRequestError("malformed_json", "the JSON body must be an object")
         return parsed
-    if media_type in ("application/x-www-form-urlencoded", ""):
-        try:
-            text = body.decode("utf-8")
-            pairs = urllib.parse.parse_qsl(
-                text,
-                keep_blank_values=True,
-                strict_parsing=bool(text),
-                max_num_fields=FORM_FIELDS_MAX,
-            )
-        except (UnicodeDecodeError, ValueError) as error:
-            raise InvalidRequestError(
-                "malformed_form", f"the form body is malformed: {error}"
-            ) from None
+    if kind in ("application/x-www-form-urlencoded", ""):
         fields: dict[str, object] = {}
-        for name, value in pairs:
+        for name, value in form_pairs(body):
             if name in fields and name in ("amount", "currency"):
                 raise InvalidRequestError("malformed_form", f"{name} is given more than once")
             fields[name] = value
         return fields
-    raise InvalidRequestError(
-        "unsupported_media_type", f"content type {media_type!r} is not supported", status=415
-    )
+    raise unsupported_media_type(content_type)
 
 
 def _whole_amount(amount: object) -> int:
@@ -141,13 +248,13 @@ def _whole_amount(amount: object) -> int:
     if isinstance(amount, bool):
         raise InvalidRequestError("invalid_amount", "amount must be a whole number of cents")
     if isinstance(amount, int):
-        cents = amount
+        units = amount
     elif isinstance(amount, str) and _DIGITS.match(amount):
-        cents = int(amount)
+        units = int(amount)
     else:
         raise InvalidRequestError(
-            "invalid_amount", "amount must be a positive whole number of cents"
+            "invalid_amount", "amount must be a positive whole number of the smallest unit"
         )
-    if cents <= 0:
+    if units <= 0:
         raise InvalidRequestError("invalid_amount", "amount must be greater than zero")
-    return cents
+    return units
