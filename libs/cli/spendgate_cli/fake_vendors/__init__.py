@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import uvicorn
 
+from spendgate_cli.fake_vendors.resend import create_resend_app
 from spendgate_cli.fake_vendors.stripe import create_stripe_app
+from spendgate_cli.fake_vendors.twilio import create_twilio_app
 
-FAKE_VENDORS = {"stripe": create_stripe_app}
+FAKE_VENDORS = {
+    "stripe": create_stripe_app,
+    "twilio": create_twilio_app,
+    "resend": create_resend_app,
+}
 
 
 def serve(vendor: str, host: str, port: int) -> None:
