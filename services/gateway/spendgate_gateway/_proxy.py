@@ -5,6 +5,13 @@ configured, safe path, vault key shape, bounded body, cost estimate, ledger gran
 ``Granted`` result is forwarded; the upstream's answer is returned unchanged and the
 reservation is settled in the background by the vendor's rule (free -> release,
 spent -> commit, unknown -> keep the hold until it expires).
+
+A streamed answer (``text/event-stream``) that the vendor meters is relayed to the
+caller chunk by chunk as it arrives, through the vendor's stream meter, and settled
+once it ends: completely, broken off upstream (a read timeout or a cut connection: the
+caller gets the vendor's own mid-stream error event) or abandoned by the caller (the
+upstream stream is closed at once). A broken stream is settled from what the meter saw,
+conservatively (docs/vendors.md).
 """
 
 from __future__ import annotations
@@ -12,16 +19,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from spendgate_common.errors import InvalidRequestError, LedgerUnavailableError, SpendgateError
 from spendgate_common.ledger_v1 import (
+    ApprovalPending,
     Commit,
+    Degrade,
     Denied,
     Failed,
     Granted,
@@ -31,11 +42,13 @@ from spendgate_common.ledger_v1 import (
 )
 from spendgate_common.money import format_usd
 from spendgate_common.vault_keys import VaultKey, parse_vault_key
+from spendgate_gateway import _contract_decisions as contract_decisions
 from spendgate_gateway._failures import exception_status_code_message, failed_status
 from spendgate_gateway._ledger_client import LedgerClient
 from spendgate_gateway._responses import error_response, json_response, read_body
 from spendgate_gateway._settings import GatewaySettings
-from spendgate_gateway.vendors import VENDORS, Call, Estimate, Outcome, Vendor
+from spendgate_gateway.vendors import VENDORS, Call, Estimate, Outcome, StreamMeter, Vendor
+from spendgate_gateway.vendors._degrade import model_of
 from spendgate_gateway.vendors._pricer import Pricer
 
 _log = logging.getLogger(__name__)
@@ -67,8 +80,16 @@ _REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | {
     "x-forwarded-port",
     "x-real-ip",
     "x-api-key",
+    # The gateway reads answers (usage, streamed events), so it negotiates the upstream
+    # encoding itself (httpx offers only what it decodes) and answers uncompressed.
+    "accept-encoding",
 }
-_RESPONSE_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | {"content-length", "server", "date"}
+_RESPONSE_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | {
+    "content-length",
+    "content-encoding",
+    "server",
+    "date",
+}
 # A path segment: letters, digits and a few safe characters. No "..", no empty segment.
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.~:@!$'()*+,;=-]{1,200}$")
 PATH_SEGMENTS_MAX = 16
@@ -136,20 +157,30 @@ class Proxy:
         body = await read_body(request, self._settings.body_bytes_max)
         agent_call = Call(request.method, path, request.url.query, request.headers, body)
         estimate = self._pricer.estimate(vendor, agent_call)
-        result = await self._ledger.execute(
-            Reserve(
-                tenant=key.tenant,
-                key_id=key.key_id,
-                secret_sha256=key.secret_sha256,
-                amount_micros=estimate.amount_micros,
-                vendor=vendor.name,
-                operation=estimate.operation,
-                idempotency_key=_idempotency_key(vendor, request),
-                pricing_version=estimate.pricing_version,
-                claim=True,
-            )
+        reserve = Reserve(
+            tenant=key.tenant,
+            key_id=key.key_id,
+            secret_sha256=key.secret_sha256,
+            amount_micros=estimate.amount_micros,
+            vendor=vendor.name,
+            operation=estimate.operation,
+            idempotency_key=_idempotency_key(vendor, request),
+            pricing_version=estimate.pricing_version,
+            claim=True,
+            model=model_of(estimate),
         )
+        result = await self._ledger.execute(reserve)
+        degraded_header = ""
+        if isinstance(result, Degrade):
+            # A contract degrades the call: rewrite it, estimate and reserve it again.
+            degraded = await contract_decisions.reserve_degraded(
+                self._ledger, self._pricer, vendor, agent_call, reserve, result
+            )
+            estimate, body, result = degraded.estimate, degraded.body, degraded.result
+            degraded_header = degraded.header
         call = _Call(vendor, key, estimate)
+        if isinstance(result, ApprovalPending):
+            return contract_decisions.approval_response(vendor, result)
         if isinstance(result, Denied):
             return _denied_response(vendor, result)
         if isinstance(result, Failed):
@@ -173,7 +204,10 @@ class Proxy:
                 "use a new idempotency key for a new call",
                 status=409,
             )
-        return await self._forward(request, call, result, path, body)
+        response = await self._forward(request, call, result, path, body)
+        if degraded_header:
+            response.headers[contract_decisions.DEGRADED_HEADER] = degraded_header
+        return response
 
     async def _forward(
         self, request: Request, call: _Call, grant: Granted, path: str, body: bytes
@@ -193,12 +227,16 @@ class Proxy:
             headers=headers,
             content=body if estimate.upstream_body is None else estimate.upstream_body,
         )
+        meter: StreamMeter | None = None
         try:
             upstream = await client.send(upstream_request, stream=True)
-            try:
-                content = b"".join([chunk async for chunk in upstream.aiter_raw()])
-            finally:
-                await upstream.aclose()
+            if _is_event_stream(upstream):
+                meter = vendor.stream_meter(upstream.status_code, estimate)
+            if meter is None:
+                try:
+                    content = b"".join([chunk async for chunk in upstream.aiter_bytes()])
+                finally:
+                    await upstream.aclose()
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
             # The request never left: it certainly cost nothing.
             self._settle_later(call, grant, Outcome.FREE, 0)
@@ -210,6 +248,17 @@ class Proxy:
         except httpx.HTTPError as error:
             self._settle_later(call, grant, Outcome.UNKNOWN, 0, "upstream_error")
             return self._upstream_failure(vendor, 502, "upstream_error", error)
+        if meter is not None:
+            relay = _StreamRelay(
+                vendor.name,
+                upstream,
+                meter,
+                settle=lambda outcome, actual, reason: self._settle_later(
+                    call, grant, outcome, actual, reason
+                ),
+                in_background=self._in_background,
+            )
+            return _RelayedResponse(relay, upstream.status_code, _response_headers(upstream))
         settlement = vendor.settle(upstream.status_code, content, call.estimate)
         self._settle_later(
             call,
@@ -218,15 +267,8 @@ class Proxy:
             settlement.actual_micros,
             f"upstream_status_{upstream.status_code}",
         )
-        response_headers = [
-            (name, value)
-            for name, value in upstream.headers.multi_items()
-            if name.lower() not in _RESPONSE_HEADERS_DROPPED
-        ]
         response = Response(content=content, status_code=upstream.status_code)
-        response.raw_headers.extend(
-            (name.encode("latin-1"), value.encode("latin-1")) for name, value in response_headers
-        )
+        response.raw_headers.extend(_response_headers(upstream))
         return response
 
     def _upstream_failure(
@@ -298,10 +340,112 @@ class Proxy:
             return
         _log.error("settle of %s gave up; the hold stays until it expires", command.reservation_id)
 
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        """Run ``work`` as a task that shutdown waits for (like a settle)."""
+        task = asyncio.create_task(work)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
     async def wait_settled(self, deadline: timedelta) -> None:
         """Wait (bounded) for background settles, used on shutdown."""
         if self._settling:
             await asyncio.wait(list(self._settling), timeout=deadline.total_seconds())
+
+
+# ------------------------------------------------------------------------ streaming
+
+
+class _StreamRelay:
+    """One metered upstream stream: relayed as it arrives, then settled exactly once.
+
+    :meth:`close` is synchronous (it only schedules the settle and the upstream close),
+    so it also works while the caller's disconnect is cancelling the response.
+    """
+
+    def __init__(
+        self,
+        vendor_name: str,
+        upstream: httpx.Response,
+        meter: StreamMeter,
+        *,
+        settle: Callable[[Outcome, int, str], None],
+        in_background: Callable[[Coroutine[object, object, None]], None],
+    ) -> None:
+        self._vendor_name = vendor_name
+        self._upstream = upstream
+        self._meter = meter
+        self._settle = settle
+        self._in_background = in_background
+        self._ended = ""  # "complete", "upstream_timeout" or "upstream_error" once known
+        self._closed = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._upstream.aiter_bytes():
+                relayed = self._meter.feed(chunk)
+                if relayed:
+                    yield relayed
+            self._ended = "complete"
+        except httpx.HTTPError as error:
+            timeout = isinstance(error, httpx.TimeoutException)
+            self._ended = "upstream_timeout" if timeout else "upstream_error"
+            _log.warning(
+                "%s stream broke off (%s); settled conservatively",
+                self._vendor_name,
+                type(error).__name__,
+            )
+            yield self._meter.interruption(
+                self._ended,
+                f"{self._vendor_name} stopped streaming mid-answer "
+                f"({'read timeout' if timeout else 'broken connection'}); Spendgate settled "
+                "the call conservatively",
+            )
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Settle from what the meter saw and close the upstream stream; once."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._ended:
+            _log.info(
+                "%s stream abandoned by the caller; settled conservatively", self._vendor_name
+            )
+        settlement = self._meter.finish(self._ended == "complete")
+        self._settle(
+            settlement.outcome, settlement.actual_micros, f"stream_{self._ended or 'abandoned'}"
+        )
+        # Closing an unfinished stream drops its connection: the vendor stops generating.
+        self._in_background(self._upstream.aclose())
+
+
+class _RelayedResponse(StreamingResponse):
+    """Streams a relay and closes it however the response ends, even before it began."""
+
+    def __init__(self, relay: _StreamRelay, status_code: int, headers: list[tuple[bytes, bytes]]):
+        super().__init__(relay.chunks(), status_code=status_code)
+        self.raw_headers.extend(headers)
+        self._relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._relay.close()
+
+
+def _is_event_stream(upstream: httpx.Response) -> bool:
+    content_type: str = upstream.headers.get("content-type", "")
+    return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+def _response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+    return [
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in upstream.headers.multi_items()
+        if name.lower() not in _RESPONSE_HEADERS_DROPPED
+    ]
 
 
 def _checked_path(path: str) -> str:
@@ -332,6 +476,7 @@ def _connection_listed(request: Request) -> frozenset[str]:
 
 
 def _denied_response(vendor: Vendor, denied: Denied) -> Response:
+    status = contract_decisions.denial_status(denied.code)
     remaining = max(0, denied.cap_micros - denied.committed_micros - denied.reserved_micros)
     body: dict[str, object] = {
         "code": denied.code,
@@ -348,6 +493,6 @@ def _denied_response(vendor: Vendor, denied: Denied) -> Response:
         "scope": denied.scope,
         "scope_id": denied.scope_id,
         "decision_id": denied.decision_id,
-        "error": vendor.error_object(denied.code, denied.message, 429),
+        "error": vendor.error_object(denied.code, denied.message, status),
     }
-    return json_response(429, body, vendor.refusal_headers())
+    return json_response(status, body, vendor.refusal_headers())
