@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,6 +39,8 @@ from spendgate_cli.services import (
 
 __all__ = [
     "FAKE_STRIPE_API_KEY",
+    "FAKE_TWILIO_ACCOUNT_SID",
+    "FAKE_VENDOR_API_KEYS",
     "FakeVendorProcess",
     "ServiceFactory",
     "ServiceKind",
@@ -61,6 +63,18 @@ TERMINATE_TIMEOUT_S_DEFAULT = 15.0
 STACK_SHUTDOWN_DEADLINE_SECONDS = 5
 STACK_PARTITION_COUNT = 8
 FAKE_STRIPE_API_KEY = "sk_test_fake_upstream_key"
+# The upstream key the gateway gets for each fake vendor a stack starts (build_stack).
+FAKE_VENDOR_API_KEYS = {
+    "stripe": FAKE_STRIPE_API_KEY,
+    "openai": "sk-test-fake-openai-upstream-key",
+    "anthropic": "sk-ant-test-fake-upstream-key",
+    "twilio": "fake_twilio_upstream_auth_token",
+    "resend": "re_test_fake_upstream_key",
+}
+# The real account SID the gateway puts in Twilio paths (any SID works with the fake).
+FAKE_TWILIO_ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
+# Settings a vendor needs besides its base URL and key.
+FAKE_VENDOR_EXTRA_ENV = {"twilio": {"SPENDGATE_TWILIO_ACCOUNT_SID": FAKE_TWILIO_ACCOUNT_SID}}
 
 _log_dir: Path | None = None
 _log_numbers = itertools.count(1)
@@ -322,6 +336,12 @@ class Stack:
     services: dict[str, ServiceProcess]
     fake: FakeVendorProcess
     env: dict[str, str]
+    # Every fake vendor the stack started, by vendor name (Stripe's is ``fake`` too).
+    fakes: dict[str, FakeVendorProcess] = field(default_factory=dict)
+
+    def fake_url(self, vendor: str) -> str:
+        """Base URL of the fake ``vendor`` (started with ``build_stack(vendors=...)``)."""
+        return self.fakes[vendor].url
 
 
 def stack_env(
@@ -356,12 +376,21 @@ def build_stack(
     partition_count: int = STACK_PARTITION_COUNT,
     extra_env: Mapping[str, str] | None = None,
     ready_timeout_s: float = 60.0,
+    vendors: Sequence[str] = ("stripe",),
 ) -> Stack:
     """Start fake Stripe, then ledger, auditor and gateway in parallel; return when ready.
 
     ``extra_env`` adds or overrides service settings (e.g. a short ledger lease).
+    ``vendors`` names the fake vendors to start (Stripe's always runs); the gateway gets
+    ``SPENDGATE_<VENDOR>_BASE_URL`` and ``_API_KEY`` (:data:`FAKE_VENDOR_API_KEYS`) for each.
     """
-    fake = factory.fake_vendor("stripe", ready_timeout_s=ready_timeout_s)
+    spawned = {
+        vendor: spawn_fake_vendor(vendor, log_dir=factory.log_dir)
+        for vendor in dict.fromkeys(("stripe", *vendors))
+    }
+    for spawned_fake in spawned.values():
+        wait_fake_vendor_ready(spawned_fake, ready_timeout_s=ready_timeout_s)
+    fake = spawned["stripe"]
     env = stack_env(
         nats_url=nats_url,
         database_url=database_url,
@@ -370,6 +399,10 @@ def build_stack(
         admin_token=secrets.token_urlsafe(24),
         partition_count=partition_count,
     )
+    for vendor, vendor_fake in spawned.items():
+        env[f"SPENDGATE_{vendor.upper()}_BASE_URL"] = vendor_fake.url
+        env[f"SPENDGATE_{vendor.upper()}_API_KEY"] = FAKE_VENDOR_API_KEYS[vendor]
+        env.update(FAKE_VENDOR_EXTRA_ENV.get(vendor, {}))
     env.update(extra_env or {})
     services = factory.start_many(
         {"ledger": env, "auditor": env, "gateway": env}, ready_timeout_s=ready_timeout_s
@@ -383,4 +416,5 @@ def build_stack(
         services={str(kind): process for kind, process in services.items()},
         fake=fake,
         env=env,
+        fakes=spawned,
     )

@@ -18,7 +18,7 @@ from spendgate_common.settings import Env
 
 # Bound of the single connection ``spendgate migrate`` opens.
 MIGRATE_CONNECT_TIMEOUT = timedelta(seconds=10)
-FAKE_VENDORS = ("stripe", "twilio", "resend")
+FAKE_VENDORS = ("stripe", "openai", "anthropic", "twilio", "resend")
 FAKE_VENDOR_PORT_DEFAULT = 12111  # stripe-mock's port, so stripe-mock habits carry over
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import uvicorn
 
+from spendgate_cli.fake_vendors.anthropic import create_anthropic_app
+from spendgate_cli.fake_vendors.openai import create_openai_app
 from spendgate_cli.fake_vendors.resend import create_resend_app
 from spendgate_cli.fake_vendors.stripe import create_stripe_app
 from spendgate_cli.fake_vendors.twilio import create_twilio_app
 
 FAKE_VENDORS = {
     "stripe": create_stripe_app,
+    "openai": create_openai_app,
+    "anthropic": create_anthropic_app,
     "twilio": create_twilio_app,
     "resend": create_resend_app,
 }
