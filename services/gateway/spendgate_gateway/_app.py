@@ -16,6 +16,7 @@ from spendgate_common import nats_adapter
 from spendgate_common.errors import SpendgateError
 from spendgate_gateway import _control_api
 from spendgate_gateway._audit_api import audit_router
+from spendgate_gateway._contracts_api import ContractsApi, contracts_router
 from spendgate_gateway._control import ControlPlane
 from spendgate_gateway._failures import exception_status_code_message
 from spendgate_gateway._ledger_client import LedgerClient
@@ -71,10 +72,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             for name, vendor in settings.vendors.items()
         }
         proxy = Proxy(settings, ledger, clients)
+        control = ControlPlane(settings, ledger)
         holder.update(
             nats=nats,
             proxy=proxy,
-            control=ControlPlane(settings, ledger),
+            control=control,
+            contracts=ContractsApi(control, ledger),
             reservations=DirectReservations(ledger),
         )
         _log.info("gateway serving on %s:%d", settings.host, settings.port)
@@ -114,6 +117,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     _control_api.install(app, holder)
     app.include_router(audit_router(settings, holder))
+    app.include_router(contracts_router(holder))
 
     @app.api_route("/{vendor}/{path:path}", methods=PROXY_METHODS, tags=["proxy"])
     async def proxy_call(request: Request, vendor: str, path: str) -> Response:

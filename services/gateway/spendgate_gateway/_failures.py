@@ -47,6 +47,10 @@ FAILED_STATUS = {
     "store_unavailable": 503,
     "not_owner": 503,
     "overloaded": 503,
+    "invalid_contract": 400,
+    "approval_not_found": 404,
+    "approval_not_pending": 409,
+    "invalid_approver": 400,
     "malformed_request": 500,
 }
 
