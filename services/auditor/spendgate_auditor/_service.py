@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 from nats.aio.client import Client as NatsClient
@@ -37,6 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from spendgate_auditor._api import AuditApi
+from spendgate_auditor._approval_webhooks import ApprovalWebhooks
 from spendgate_auditor._chain import ChainHead
 from spendgate_auditor._checkpoints import CheckpointSchedule
 from spendgate_auditor._finance import FinancePublisher, ensure_finance_stream
@@ -98,6 +100,7 @@ class AuditorService:
         self._subscription: JetStreamContext.PullSubscription | None = None
         self._store: AuditStore | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._webhooks: ApprovalWebhooks | None = None
         self._status_task: asyncio.Task[None] | None = None
         self._pause_s = settings.retry_pause_min.total_seconds()
         self._gaps = GapWatch(settings.gap_alarm_after.total_seconds())
@@ -205,6 +208,12 @@ class AuditorService:
         self._loop_task = asyncio.create_task(self._consume(), name="auditor-consume")
         self._loop_task.add_done_callback(self._on_loop_done)
         self._status_task = asyncio.create_task(self._log_status(), name="auditor-status")
+        if settings.approval_webhook_url and settings.approval_webhook_secret:
+            # Its own consumer: a slow webhook never holds up the chain.
+            self._webhooks = ApprovalWebhooks(
+                jetstream, settings.approval_webhook_url, settings.approval_webhook_secret
+            )
+            await self._webhooks.start()
         _log.info(
             "auditor started: consumer %s on stream %s, signing key %s",
             AUDITOR_DURABLE,
@@ -255,6 +264,8 @@ class AuditorService:
             if not done:
                 self._loop_task.cancel()
                 await asyncio.wait([self._loop_task])
+        if self._webhooks is not None:
+            await self._webhooks.stop(timedelta(seconds=remaining_s() / 2))
         await self._sign_before_stop(remaining_s())
         if self._subscription is not None:
             with contextlib.suppress(Exception):

@@ -56,6 +56,10 @@ class AuditorSettings:
     status_log_interval: timedelta
     # Longest a verification asked for over NATS (GET /v1/audit/verify) may run.
     verify_deadline: timedelta
+    # Where ApprovalRequested events are POSTed (None: no notifications), and the
+    # HMAC-SHA256 secret that signs them (docs/contracts.md).
+    approval_webhook_url: str | None = None
+    approval_webhook_secret: str | None = None
 
     @classmethod
     def from_env(cls, env: Env) -> AuditorSettings:
@@ -114,7 +118,14 @@ class AuditorSettings:
             verify_deadline=env.seconds(
                 "SPENDGATE_AUDITOR_VERIFY_DEADLINE_SECONDS", 50, minimum=1, maximum=3_600
             ),
+            approval_webhook_url=env.optional_text("SPENDGATE_APPROVAL_WEBHOOK_URL"),
+            approval_webhook_secret=env.optional_text("SPENDGATE_APPROVAL_WEBHOOK_SECRET"),
         )
+        if settings.approval_webhook_url and len(settings.approval_webhook_secret or "") < 16:
+            raise ConfigurationError(
+                "SPENDGATE_APPROVAL_WEBHOOK_SECRET",
+                "must be set (at least 16 characters) with SPENDGATE_APPROVAL_WEBHOOK_URL",
+            )
         if settings.ack_pending_max < settings.fetch_messages_max:
             # A batch larger than the pending bound could never be delivered whole.
             raise ConfigurationError(
