@@ -6,6 +6,13 @@ token: the key's tenant routes the command and the ledger checks the secret's ha
 revocation, expiry and allow-list exactly as for a proxied call, and applies every cap
 that applies (key, fleet, vendor, tenant). Each route is one ledger command: ``Reserve``,
 ``Commit`` or ``Release``. Order of checks: the key's shape, the body, then the ledger.
+
+Contracts (docs/contracts.md) answer as on the proxy (_contract_decisions.py): 409
+``approval_required`` with the approval id (retry with the same idempotency key once
+approved), 403 for a contract's denial. A ``degrade`` rule cannot rewrite a call the
+gateway does not see, so the direct API answers 409 ``degrade_required`` with the rule's
+``model`` and ``remaining_micros``: the caller switches model itself and reserves again
+with ``model`` and ``degraded_by`` set to the rule's ``contract`` (then not applied twice).
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from starlette.responses import Response
 
 from spendgate_common.errors import InvalidRequestError
 from spendgate_common.ledger_v1 import (
+    ApprovalPending,
     Commit,
+    Degrade,
     Denied,
     Failed,
     Granted,
@@ -37,6 +46,7 @@ from spendgate_common.limits import (
 from spendgate_common.money import format_usd, parse_usd
 from spendgate_common.vault_keys import VaultKey, parse_vault_key
 from spendgate_gateway import _views as views
+from spendgate_gateway._contract_decisions import denial_status
 from spendgate_gateway._control import decode_body
 from spendgate_gateway._failures import failed_status
 from spendgate_gateway._ledger_client import LedgerClient
@@ -63,6 +73,10 @@ class ReserveRequest(msgspec.Struct, forbid_unknown_fields=True):
     hold_seconds: int | None = None
     # The version of the price data the amount was computed with, recorded with it.
     pricing_version: str = ""
+    # The LLM model the call asks for, seen by contracts (``request.model``).
+    model: str = ""
+    # The degrade rule the caller already applied after a 409 ``degrade_required``.
+    degraded_by: str = ""
 
 
 class CommitRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -96,6 +110,9 @@ class DirectReservations:
         if len(spec.pricing_version) > PRICING_VERSION_CHARS_MAX:
             message = f"pricing_version must be at most {PRICING_VERSION_CHARS_MAX} characters"
             raise InvalidRequestError("invalid_pricing_version", message)
+        if len(spec.model) > OPERATION_CHARS_MAX or len(spec.degraded_by) > OPERATION_CHARS_MAX:
+            message = f"model and degraded_by must be at most {OPERATION_CHARS_MAX} characters"
+            raise InvalidRequestError("invalid_field", message)
         result = await self._ledger.execute(
             Reserve(
                 tenant=key.tenant,
@@ -107,12 +124,18 @@ class DirectReservations:
                 idempotency_key=_idempotency_key(request, spec.idempotency_key),
                 hold_ms=_hold_ms(spec.hold_seconds),
                 pricing_version=spec.pricing_version,
+                model=spec.model,
+                degraded_by=spec.degraded_by,
             )
         )
         if isinstance(result, Failed):
             return error_response(failed_status(result), result.code, result.message)
         if isinstance(result, Denied):
-            return json_response(429, views.denial(result))
+            return json_response(denial_status(result.code), views.denial(result))
+        if isinstance(result, ApprovalPending):
+            return _approval_required(result)
+        if isinstance(result, Degrade):
+            return _degrade_required(result)
         assert isinstance(result, Granted), result
         body = views.reservation(result, key.key_id, spec.vendor, spec.operation)
         # A replay reserved nothing new: 200 and a header, as idempotent APIs answer.
@@ -157,6 +180,36 @@ class DirectReservations:
             "committed" if isinstance(command, Commit) else "released"
         )
         return json_response(200, views.settlement(result, outcome))
+
+
+def _approval_required(pending: ApprovalPending) -> Response:
+    message = (
+        f"{pending.message} (approval {pending.approval_id} is pending; reserve again with "
+        "the same idempotency key once it is approved)"
+    )
+    extra = {
+        "approval_id": pending.approval_id,
+        "expires_at_ms": pending.expires_at_ms,
+        "expires_at": views.iso(pending.expires_at_ms),
+        "contract": pending.contract,
+        "replayed": pending.replayed,
+    }
+    return error_response(409, "approval_required", message, extra=extra)
+
+
+def _degrade_required(decision: Degrade) -> Response:
+    message = (
+        f"{decision.message or 'a contract asks for a cheaper call'}: reserve again with "
+        f"model={decision.model!r} (when given) and degraded_by={decision.contract!r}"
+    )
+    extra = {
+        "contract": decision.contract,
+        "model": decision.model,
+        "clamp_max_tokens": decision.clamp_max_tokens,
+        "remaining_micros": decision.remaining_micros,
+        "remaining_usd": format_usd(decision.remaining_micros),
+    }
+    return error_response(409, "degrade_required", message, extra=extra)
 
 
 def _vault_key(request: Request) -> VaultKey:
