@@ -7,15 +7,24 @@ out in the vendors' real wire formats, not produced by our fakes.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import msgspec
 import pytest
 
 from spendgate_common.errors import InvalidAmountError, InvalidRequestError
-from spendgate_gateway.vendors import VENDORS, Call, Estimate, Outcome, UnpricedCallError
+from spendgate_gateway.vendors import (
+    VENDORS,
+    Call,
+    Estimate,
+    Outcome,
+    Settlement,
+    UnpricedCallError,
+)
 from spendgate_gateway.vendors import anthropic as anthropic_vendor
 from spendgate_gateway.vendors import openai as openai_vendor
+from spendgate_gateway.vendors._fixed import FixedCost, FreeCall
 from spendgate_gateway.vendors._sse import EventSplitter, EventTooLargeError, event_name_and_data
 from spendgate_gateway.vendors._tokens import cost_micros, micros_per_million_tokens
 
@@ -749,3 +758,15 @@ def test_anthropic_meter_broken_off_settles_at_known_input_plus_max_tokens() -> 
         "type": "error",
         "error": {"type": "api_error", "message": "cut"},
     }
+
+
+def test_calls_priced_by_an_operators_fixed_cost_settle_by_it() -> None:
+    """A fixed cost (SPENDGATE_FIXED_COSTS) prices e.g. GET /v1/models: no tokens, no meter."""
+    fixed = FixedCost("openai", "GET", "/v1/models", 100, re.compile("v1/models"))
+    for vendor in (OPENAI, ANTHROPIC):
+        estimate = Estimate(100, "GET /v1/models", "fixed-x", details=fixed)
+        assert vendor.settle(200, b"{}", estimate) == Settlement(Outcome.SPENT, 100)
+        assert vendor.settle(404, b"{}", estimate).outcome is Outcome.FREE
+        assert vendor.stream_meter(200, estimate) is None
+        free = Estimate(1, "GET /v1/models", "fixed-x", details=FreeCall("free"))
+        assert vendor.settle(200, b"{}", free).outcome is Outcome.FREE

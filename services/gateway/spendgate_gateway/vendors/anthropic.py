@@ -20,7 +20,8 @@ bearer token); upstream gets the real key as ``x-api-key`` and the caller's
 
 Refused as ``unpriced_feature`` (403, never forwarded): server tools billed per use (web
 search, web fetch, code execution), MCP servers and containers (several model turns in
-one call), and the 1M-token context beta (long-context prices).
+one call), the 1M-token context beta (long-context prices), fast mode (``speed``) and
+regional inference (``inference_geo``), both billed at a premium.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from spendgate_gateway.vendors._base import (
     StreamMeter,
     UnpricedCallError,
 )
+from spendgate_gateway.vendors._fixed import settle_fixed
 from spendgate_gateway.vendors._sse import EventSplitter, EventTooLargeError, event_name_and_data
 from spendgate_gateway.vendors._tokens import (
     PartKind,
@@ -180,6 +182,10 @@ class Anthropic:
         return estimate_call(f"{call.method} /{call.path}", call.headers, call.body)
 
     def settle(self, status_code: int, body: bytes, estimate: Estimate) -> Settlement:
+        # An operator's fixed cost priced this call (SPENDGATE_FIXED_COSTS), not tokens.
+        fixed = settle_fixed(status_code, estimate)
+        if fixed is not None:
+            return fixed
         if 200 <= status_code < 300:
             details = _details(estimate)
             usage = _usage_of(body)
@@ -191,7 +197,10 @@ class Anthropic:
         return Settlement(Outcome.UNKNOWN)
 
     def stream_meter(self, status_code: int, estimate: Estimate) -> StreamMeter | None:
-        if not _details(estimate).stream or not 200 <= status_code < 300:
+        details = estimate.details
+        if not isinstance(details, CallDetails) or not details.stream:
+            return None  # not streamed, or priced by a fixed cost: read whole, settle()
+        if not 200 <= status_code < 300:
             return None
         return MessagesStreamMeter(estimate)
 
@@ -302,6 +311,10 @@ def _refuse_unpriced_features(headers: Mapping[str, str], body: Mapping[str, obj
         raise _unpriced("code execution containers are billed per use")
     if "context-1m" in headers.get("anthropic-beta", ""):
         raise _unpriced("the 1M-token context beta has long-context prices")
+    if body.get("speed") not in (None, "standard"):
+        raise _unpriced("fast mode is billed at a multiple of the model's prices")
+    if body.get("inference_geo") is not None:
+        raise _unpriced("inference pinned to a region is billed at a premium")
 
 
 def _unpriced(reason: str) -> InvalidRequestError:

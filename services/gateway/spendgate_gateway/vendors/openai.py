@@ -43,6 +43,7 @@ from spendgate_gateway.vendors._base import (
     StreamMeter,
     UnpricedCallError,
 )
+from spendgate_gateway.vendors._fixed import settle_fixed
 from spendgate_gateway.vendors._sse import EventSplitter, EventTooLargeError, event_name_and_data
 from spendgate_gateway.vendors._tokens import (
     PartKind,
@@ -201,6 +202,10 @@ class OpenAI:
         return estimate_call(api, f"{call.method} /{call.path}", call.body)
 
     def settle(self, status_code: int, body: bytes, estimate: Estimate) -> Settlement:
+        # An operator's fixed cost priced this call (SPENDGATE_FIXED_COSTS), not tokens.
+        fixed = settle_fixed(status_code, estimate)
+        if fixed is not None:
+            return fixed
         if 200 <= status_code < 300:
             return _settle_from_usage(_usage_of(body), estimate)
         if 400 <= status_code < 500 and status_code != 408:
@@ -210,8 +215,10 @@ class OpenAI:
         return Settlement(Outcome.UNKNOWN)
 
     def stream_meter(self, status_code: int, estimate: Estimate) -> StreamMeter | None:
-        details = _details(estimate)
-        if not details.stream or not 200 <= status_code < 300:
+        details = estimate.details
+        if not isinstance(details, CallDetails) or not details.stream:
+            return None  # not streamed, or priced by a fixed cost: read whole, settle()
+        if not 200 <= status_code < 300:
             return None
         if details.api is Api.RESPONSES:
             return ResponsesStreamMeter(estimate)
