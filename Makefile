@@ -12,7 +12,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run test lint typecheck deploy-check pytest bench bench-ledger bench-auditor clean help
+.PHONY: install run test lint typecheck deploy-check pytest bench bench-ledger bench-auditor bench-gateway clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -49,6 +49,11 @@ pytest: install ## the tests (real NATS and Postgres started by the harness)
 # Options: make bench-ledger BENCH_ARGS="--duration 10 --levels 64,1024" (see --help).
 bench-ledger: install ## ledger benchmark: hot-budget pairs/s vs. a one-row UPDATE (bench/results/)
 	$(VENV)/bin/python -m bench.ledger $(BENCH_ARGS)
+
+# Not part of `make test` either: about seven minutes of open-loop load through one gateway.
+# Options: make bench-gateway BENCH_ARGS="--rates 500 --keys 1 --no-search" (see --help).
+bench-gateway: install ## gateway benchmark: latency one gateway adds at fixed rates (bench/results/)
+	$(VENV)/bin/python -m bench.gateway $(BENCH_ARGS)
 
 # Not part of `make test` either: 100,000 events, then the auditor timed until caught up.
 # Options: make bench-auditor BENCH_ARGS="--events 200000 --fetch-messages-max 1000".

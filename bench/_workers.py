@@ -1,17 +1,40 @@
-"""The load-generator processes, as a pool the orchestrators hand jobs to."""
+"""Load-generator processes, as a pool the orchestrators hand jobs to (every benchmark).
+
+A worker is a spawned process (it shares nothing with us but a pipe), so the load does not
+share an interpreter with the orchestrator or with the system under test. What runs in it
+and how jobs and results cross the pipe is a :class:`WorkerProtocol` that each benchmark
+defines next to its jobs (``bench.ledger._load``, ``bench.gateway._load``).
+"""
 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Generic, TypeVar
 
-from bench.ledger._load import AnyJob, JobResult, StopJob, decode_result, encode, worker_main
-
-# Bound of a worker's graceful exit after a StopJob.
+# Bound of a worker's graceful exit after the stop message.
 STOP_DEADLINE_S = 10.0
+
+JobT = TypeVar("JobT")
+ResultT = TypeVar("ResultT")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerProtocol(Generic[JobT, ResultT]):
+    """What a worker runs, and how its jobs and results are encoded.
+
+    ``main`` (a module-level function, so that a spawned process can import it) gets the
+    child's end of the pipe; it answers every job with one result and returns when it
+    reads ``stop``.
+    """
+
+    main: Callable[[Connection], None]
+    encode_job: Callable[[JobT], bytes]
+    decode_result: Callable[[bytes], ResultT]
+    stop: bytes
 
 
 @dataclass(slots=True)
@@ -20,16 +43,17 @@ class _Worker:
     connection: Connection
 
 
-class WorkerPool:
-    """``count`` worker processes (spawned, so they share nothing with us but a pipe)."""
+class WorkerPool(Generic[JobT, ResultT]):
+    """``count`` worker processes that run ``protocol.main``."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, protocol: WorkerProtocol[JobT, ResultT]) -> None:
         context = multiprocessing.get_context("spawn")
+        self._protocol = protocol
         self._workers: list[_Worker] = []
         for index in range(count):
             parent_end, child_end = context.Pipe()
             process = context.Process(
-                target=worker_main, args=(child_end,), name=f"bench-client-{index}", daemon=True
+                target=protocol.main, args=(child_end,), name=f"bench-client-{index}", daemon=True
             )
             process.start()
             child_end.close()
@@ -42,27 +66,27 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process.pid is not None]
 
-    def send(self, jobs: Sequence[AnyJob]) -> list[int]:
+    def send(self, jobs: Sequence[JobT]) -> list[int]:
         """Hand one job to each of the first ``len(jobs)`` workers; return their pids."""
         assert len(jobs) <= len(self._workers), "more jobs than workers"
         workers = self._workers[: len(jobs)]
         for worker, job in zip(workers, jobs, strict=True):
-            worker.connection.send_bytes(encode(job))
+            worker.connection.send_bytes(self._protocol.encode_job(job))
         return [w.process.pid for w in workers if w.process.pid is not None]
 
-    def collect(self, count: int, deadline_s: float) -> list[JobResult]:
+    def collect(self, count: int, deadline_s: float) -> list[ResultT]:
         """The results of the first ``count`` workers (each within ``deadline_s``)."""
         results = []
         for worker in self._workers[:count]:
             if not worker.connection.poll(deadline_s):
                 raise TimeoutError(f"{worker.process.name} sent no result")
-            results.append(decode_result(worker.connection.recv_bytes()))
+            results.append(self._protocol.decode_result(worker.connection.recv_bytes()))
         return results
 
     def stop(self) -> None:
         for worker in self._workers:
             if worker.process.is_alive():
-                worker.connection.send_bytes(encode(StopJob()))
+                worker.connection.send_bytes(self._protocol.stop)
         for worker in self._workers:
             worker.process.join(timeout=STOP_DEADLINE_S)
             if worker.process.is_alive():

@@ -19,6 +19,7 @@ import asyncpg
 import msgspec
 import nats
 
+from bench._results import RESULTS_DIR, write_results
 from bench.auditor._events import partition_events
 from spendgate_cli.embedded import EmbeddedNats, EmbeddedPostgres
 from spendgate_cli.services import ServiceProcess, service_argv
@@ -34,7 +35,6 @@ from spendgate_common.subjects import (
     events_subject,
 )
 
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 # The issue's acceptance criterion (issue 5, item 7).
 CATCH_UP_S_MAX = 30.0
 DATABASE = "spendgate"
@@ -213,11 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nats_server.stop()
         shutil.rmtree(root, ignore_errors=True)
     print_table(result)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    document = msgspec.json.format(msgspec.json.encode(result), indent=2) + b"\n"
-    (args.results_dir / f"auditor-{stamp}.json").write_bytes(document)
-    (args.results_dir / "auditor-latest.json").write_bytes(document)
+    write_results(result, args.results_dir, "auditor")
     return 0 if result.passed else 1
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench._workers import WorkerPool
 from bench.ledger import _common, _cpu, _report
 from bench.ledger._cluster import POSTGRES_SETTINGS, Cluster
 from bench.ledger._common import (
@@ -20,14 +21,15 @@ from bench.ledger._common import (
     split,
 )
 from bench.ledger._load import (
+    WORKER_PROTOCOL,
     AnyJob,
     BaselineJob,
+    JobResult,
     KeySpec,
     LedgerClosedJob,
     LedgerOpenJob,
     Window,
 )
-from bench.ledger._workers import WorkerPool
 
 # Time between handing out a job and its start: workers connect (and the baseline opens
 # its pool) meanwhile, so that every worker starts at the same instant.
@@ -93,21 +95,21 @@ class Bench:
         self.args = args
         self.cluster = cluster
         self.started = started
-        self.workers: WorkerPool | None = None
+        self.workers: WorkerPool[AnyJob, JobResult] | None = None
         self.measurements: list[_report.Measurement] = []
 
     def progress(self, message: str) -> None:
         progress(message, started=self.started)
 
     def start_workers(self) -> None:
-        self.workers = WorkerPool(self.args.clients)
+        self.workers = WorkerPool(self.args.clients, WORKER_PROTOCOL)
 
     def stop_workers(self) -> None:
         if self.workers is not None:
             self.workers.stop()
 
     @property
-    def pool(self) -> WorkerPool:
+    def pool(self) -> WorkerPool[AnyJob, JobResult]:
         assert self.workers is not None, "start_workers() first"
         return self.workers
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import asyncpg
 
+from bench._results import RESULTS_DIR as RESULTS_DIR
 from bench.ledger._cluster import POSTGRES_SETTINGS
-
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
 def positive_ints(text: str) -> list[int]:

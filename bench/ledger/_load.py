@@ -26,6 +26,9 @@ import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 
+from bench._open_loop import Window as Window
+from bench._open_loop import open_loop, sleep_until
+from bench._workers import WorkerProtocol
 from spendgate_common.errors import LedgerUnavailableError
 from spendgate_common.ledger_v1 import Commit, Granted, Reserve
 from spendgate_gateway._ledger_client import LedgerClient
@@ -51,14 +54,6 @@ class KeySpec(msgspec.Struct, frozen=True):
     tenant: str
     key_id: str
     secret_sha256: str
-
-
-class Window(msgspec.Struct, frozen=True):
-    """Monotonic times (seconds): load starts at ``start_at``, is measured in [begin, end)."""
-
-    start_at: float
-    begin_at: float
-    end_at: float
 
 
 class LedgerClosedJob(msgspec.Struct, frozen=True, tag="ledger_closed"):
@@ -165,6 +160,12 @@ def worker_main(connection: Connection) -> None:
         connection.send_bytes(encode(result))
 
 
+# How the orchestrators drive these workers (bench._workers.WorkerPool).
+WORKER_PROTOCOL: WorkerProtocol[AnyJob, JobResult] = WorkerProtocol(
+    main=worker_main, encode_job=encode, decode_result=decode_result, stop=encode(StopJob())
+)
+
+
 async def _run(job: LedgerClosedJob | LedgerOpenJob | LedgerCountJob | BaselineJob) -> JobResult:
     match job:
         case LedgerClosedJob():
@@ -206,10 +207,6 @@ class _Tally:
             dropped=self.dropped,
             first_error=self.first_error,
         )
-
-
-async def _sleep_until(at: float) -> None:
-    await asyncio.sleep(max(0.0, at - time.monotonic()))
 
 
 async def _connect_ledger(
@@ -273,7 +270,7 @@ async def _ledger_closed(job: LedgerClosedJob) -> JobResult:
 
     reserves = [_reserve(key, job.amount_micros) for key in job.keys]
     try:
-        await _sleep_until(job.window.start_at)
+        await sleep_until(job.window.start_at)
         await asyncio.gather(
             *(pairs_in_a_row(reserves[index % len(reserves)]) for index in range(job.concurrency))
         )
@@ -287,31 +284,23 @@ async def _ledger_open(job: LedgerOpenJob) -> JobResult:
     connection, client = await _connect_ledger(job.nats_url, job.partition_count, job.inflight_max)
     tally = _Tally(job.window)
     reserves = [_reserve(key, job.amount_micros) for key in job.keys]
-    outstanding: set[asyncio.Task[None]] = set()
-    interval_s = 1.0 / job.rate_per_s
+
+    async def pair(index: int, scheduled_at: float) -> None:
+        await _pair(client, reserves[index % len(reserves)], scheduled_at, tally)
+
     try:
-        next_at = job.window.start_at
-        index = 0
-        await _sleep_until(next_at)
-        while next_at < job.window.end_at:
-            now = time.monotonic()
-            # Start every pair whose time has come (the loop may wake up late).
-            while next_at <= now and next_at < job.window.end_at:
-                if len(outstanding) >= job.outstanding_max:
-                    tally.dropped += 1
-                else:
-                    reserve = reserves[index % len(reserves)]
-                    task = asyncio.create_task(_pair(client, reserve, next_at, tally))
-                    outstanding.add(task)
-                    task.add_done_callback(outstanding.discard)
-                index += 1
-                next_at = job.window.start_at + index * interval_s
-            await _sleep_until(next_at)
-        if outstanding:
-            await asyncio.wait(outstanding, timeout=DRAIN_DEADLINE.total_seconds())
+        counts = await open_loop(
+            pair,
+            start_at=job.window.start_at,
+            end_at=job.window.end_at,
+            rate_per_s=job.rate_per_s,
+            outstanding_max=job.outstanding_max,
+            drain_deadline_s=DRAIN_DEADLINE.total_seconds(),
+        )
     finally:
         await client.close()
         await connection.close()
+    tally.dropped = counts.dropped
     return tally.result()
 
 
@@ -368,7 +357,7 @@ async def _baseline(job: BaselineJob) -> JobResult:
                 tally.latencies_s.append(replied_at - started_at)
 
     try:
-        await _sleep_until(job.window.start_at)
+        await sleep_until(job.window.start_at)
         await asyncio.gather(*(updates_in_a_row() for _ in range(job.concurrency)))
     finally:
         await pool.close()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 
+from bench._results import write_results
 from bench.ledger._load import JobResult
 
 # The ledger issue's acceptance criterion (issue 3, item 10).
@@ -216,10 +216,4 @@ class Report(msgspec.Struct, frozen=True):
 
 def write(report: Report, results_dir: Path) -> Path:
     """Write ``ledger-<timestamp>.json`` and ``ledger-latest.json``; return the first."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    body = msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n"
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = results_dir / f"ledger-{stamp}.json"
-    path.write_bytes(body)
-    (results_dir / "ledger-latest.json").write_bytes(body)
-    return path
+    return write_results(report, results_dir, "ledger")

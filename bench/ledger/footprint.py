@@ -38,6 +38,8 @@ from pathlib import Path
 
 import msgspec
 
+from bench._results import write_results
+from bench._workers import WorkerPool
 from bench.ledger import _common, _cpu, _probe, _report
 from bench.ledger._cluster import POSTGRES_SETTINGS, Cluster
 from bench.ledger._common import (
@@ -46,9 +48,16 @@ from bench.ledger._common import (
     progress,
     split,
 )
-from bench.ledger._load import JobResult, KeySpec, LedgerCountJob, LedgerOpenJob, Window
+from bench.ledger._load import (
+    WORKER_PROTOCOL,
+    AnyJob,
+    JobResult,
+    KeySpec,
+    LedgerCountJob,
+    LedgerOpenJob,
+    Window,
+)
 from bench.ledger._replay import Replayer, Snapshot, StateSize, Timing
-from bench.ledger._workers import WorkerPool
 from spendgate_common.partitioning import partition_for_tenant
 
 AMOUNT_MICROS = 1_000
@@ -226,7 +235,7 @@ class FootprintReport(msgspec.Struct, frozen=True):
 class Footprint:
     args: argparse.Namespace
     cluster: Cluster
-    workers: WorkerPool
+    workers: WorkerPool[AnyJob, JobResult]
     started: float
 
     def progress(self, message: str) -> None:
@@ -632,13 +641,7 @@ def _num(value: float | None) -> str:
 
 
 def write(report: FootprintReport, results_dir: Path) -> Path:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    body = msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n"
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = results_dir / f"footprint-{stamp}.json"
-    path.write_bytes(body)
-    (results_dir / "footprint-latest.json").write_bytes(body)
-    return path
+    return write_results(report, results_dir, "footprint")
 
 
 # ----------------------------------------------------------------------------- main
@@ -673,12 +676,12 @@ def _one_system(
     cluster = Cluster.start(
         args.partitions, ledger_env, POSTGRES_SETTINGS | dict(args.postgres_setting)
     )
-    workers: WorkerPool | None = None
+    workers: WorkerPool[AnyJob, JobResult] | None = None
     try:
         cluster.start_ledgers(1)
         if not postgres:
             postgres.update(_common.postgres_settings(cluster.database_url))
-        workers = WorkerPool(args.clients)
+        workers = WorkerPool(args.clients, WORKER_PROTOCOL)
         run = Footprint(args, cluster, workers, started)
         tenants = cluster.tenants_in_distinct_partitions(args.keys + 1, f"footprint-{step}")
         keys = asyncio.run(cluster.issue_keys(tenants))
