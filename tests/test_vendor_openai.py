@@ -97,14 +97,30 @@ def test_chat_completion_settles_at_the_usage_cost(stack: Stack) -> None:
     assert second.usage.prompt_tokens_details is not None
     assert second.usage.prompt_tokens_details.cached_tokens == 10
 
-    expected = gpt_4o_cost(first.usage.model_dump()) + gpt_4o_cost(second.usage.model_dump())
+    # The fake gzips its JSON, as OpenAI does: the gateway decodes it to read the usage,
+    # and answers uncompressed.
+    raw = httpx.post(
+        f"{stack.gateway_url}/openai/v1/chat/completions",
+        headers={"authorization": f"Bearer {key['key']}", "accept-encoding": "gzip"},
+        json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50},
+        timeout=10,
+    )
+    assert raw.status_code == 200
+    assert "content-encoding" not in raw.headers
+    third = raw.json()["usage"]
+
+    expected = sum(
+        gpt_4o_cost(usage) for usage in (first.usage.model_dump(), second.usage.model_dump(), third)
+    )
     state = wait_settled(stack, key["key_id"])
     assert state["reserved_micros"] == 0
     assert state["committed_micros"] == expected
     received = fake_requests(stack)
-    assert len(received) == 2
+    assert len(received) == 3
     # The vendor sees the real key, never the vault key.
     assert {r["headers"]["authorization"] for r in received} == {f"Bearer {UPSTREAM_KEY}"}
+    # ... and is asked for compressed answers, which the gateway decodes.
+    assert all("gzip" in r["headers"]["accept-encoding"] for r in received)
 
 
 def test_chat_stream_without_usage_option_hides_the_added_usage_chunk(stack: Stack) -> None:

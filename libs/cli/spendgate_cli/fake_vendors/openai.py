@@ -6,6 +6,8 @@ Behaviour that tests rely on (besides the controls in ``_llm.py``):
 * every answer carries ``usage``; a chat stream carries the usage-only last chunk (and
   ``"usage":null`` on every other chunk) only with ``stream_options.include_usage``, a
   responses stream carries it in ``response.completed``, as the real API does;
+* JSON answers are gzip-compressed when the client accepts it, as OpenAI's are (event
+  streams are not);
 * ``GET /_fake/requests`` lists what was received, each with the ``usage`` answered and,
   for streams, how the stream ended (``complete``, ``abandoned``, ``broken``);
   ``DELETE /_fake/requests`` clears it.
@@ -19,6 +21,8 @@ import time
 from collections.abc import Iterator, Mapping
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -35,8 +39,16 @@ from spendgate_cli.fake_vendors._llm import (
     sse,
 )
 
-RECORDED_HEADERS = ("authorization", "content-type", "idempotency-key", "openai-organization")
+RECORDED_HEADERS = (
+    "authorization",
+    "content-type",
+    "accept-encoding",
+    "idempotency-key",
+    "openai-organization",
+)
 EMBEDDING_DIMENSIONS = 8
+# Answers at least this long are compressed (every chat completion is).
+GZIP_BYTES_MIN = 200
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 429: "requests"}
 
 
@@ -99,7 +111,8 @@ def create_openai_app() -> Starlette:
             Route("/v1/embeddings", handle, methods=["POST"]),
             Route("/_fake/requests", recorder.list_requests, methods=["GET"]),
             Route("/_fake/requests", recorder.clear_requests, methods=["DELETE"]),
-        ]
+        ],
+        middleware=[Middleware(GZipMiddleware, minimum_size=GZIP_BYTES_MIN)],
     )
 
 
