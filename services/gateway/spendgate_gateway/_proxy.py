@@ -423,7 +423,9 @@ class _StreamRelay:
 class _RelayedResponse(StreamingResponse):
     """Streams a relay and closes it however the response ends, even before it began."""
 
-    def __init__(self, relay: _StreamRelay, status_code: int, headers: list[tuple[bytes, bytes]]):
+    def __init__(
+        self, relay: _StreamRelay, status_code: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
         super().__init__(relay.chunks(), status_code=status_code)
         self.raw_headers.extend(headers)
         self._relay = relay
