@@ -362,6 +362,10 @@ def _parser() -> argparse.ArgumentParser:
         "--database-url", help="Postgres URL (default: SPENDGATE_DATABASE_URL)", default=None
     )
     migrate.set_defaults(run=_migrate)
+
+    from spendgate_cli.admin_commands import add_parsers as add_admin_parsers
+
+    add_admin_parsers(commands)
     return parser
 
 
