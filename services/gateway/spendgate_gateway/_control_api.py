@@ -276,8 +276,15 @@ def control_router(holder: Mapping[str, object]) -> APIRouter:
                 200: (views.Reservation, "A replay of an earlier grant (Idempotent-Replayed)."),
             },
             errors={
-                403: "The key may not be used for this vendor (`vendor_not_allowed`).",
-                409: "The idempotency key was used with another request (`idempotency_conflict`).",
+                403: (
+                    "The key may not be used for this vendor (`vendor_not_allowed`), or a "
+                    "contract refused (`contract_stop`, `approval_rejected`, `approval_expired`)."
+                ),
+                409: (
+                    "The idempotency key was used with another request (`idempotency_conflict`), "
+                    "a contract waits for an approval (`approval_required`, `approval_id`), or "
+                    "asks for a cheaper call (`degrade_required`, `model`, `remaining_micros`)."
+                ),
                 429: "Refused: the amount does not fit a cap (`cap_exhausted`).",
             },
         ),
