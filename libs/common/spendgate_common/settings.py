@@ -46,6 +46,15 @@ class Env:
     def optional_text(self, name: str) -> str | None:
         return self._raw(name)
 
+    def standard(self, name: str) -> str | None:
+        """A variable that another specification names (OpenTelemetry's ``OTEL_*``),
+        stripped; None when unset or empty. Parsing it is the caller's business."""
+        assert name.startswith("OTEL_"), name
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
     def url(self, name: str, default: str | None = None) -> str:
         value = self.text(name, default)
         if not _URL_PATTERN.match(value):

@@ -17,6 +17,14 @@ HEADER_MSG_ID = "Nats-Msg-Id"
 HEADER_PARTITION = "Spendgate-Partition"
 HEADER_SEQ = "Spendgate-Seq"
 
+# Trace context (W3C Trace Context) in NATS headers. ``traceparent`` is the standard
+# header: on a ledger request, the context of its first traced command; on an event, the
+# context of the ledger span of the command that produced it. A ledger request carrying
+# several commands (the gateway coalesces) also lists one traceparent per command, in
+# command order, comma-separated, empty for a command without one.
+HEADER_TRACEPARENT = "traceparent"
+HEADER_TRACEPARENTS = "Spendgate-Traceparents"
+
 
 def ledger_command_subject(partition: int) -> str:
     """Request-reply subject for a batch of commands to one partition."""
