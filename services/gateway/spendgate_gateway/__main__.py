@@ -7,7 +7,7 @@ import sys
 import uvicorn
 
 from spendgate_common.errors import ConfigurationError
-from spendgate_common.runtime import configure_logging
+from spendgate_common.runtime import TELEMETRY_FLUSH_DEADLINE, configure_logging, start_telemetry
 from spendgate_common.settings import Env
 from spendgate_gateway._app import create_app
 from spendgate_gateway._settings import GatewaySettings
@@ -15,12 +15,14 @@ from spendgate_gateway._settings import GatewaySettings
 
 def main() -> None:
     configure_logging("gateway")
+    env = Env()
     try:
-        settings = GatewaySettings.from_env(Env())
+        settings = GatewaySettings.from_env(env)
+        telemetry = start_telemetry("gateway", env)
     except ConfigurationError as error:
         sys.exit(f"spendgate gateway: configuration error: {error}")
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, telemetry),
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -28,7 +30,10 @@ def main() -> None:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_deadline.total_seconds()),
     )
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        telemetry.shutdown(TELEMETRY_FLUSH_DEADLINE)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ from datetime import timedelta
 
 import httpx
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from spendgate_common import nats_adapter
 from spendgate_common.errors import SpendgateError
+from spendgate_common.telemetry import Telemetry
 from spendgate_gateway import _control_api
 from spendgate_gateway._audit_api import audit_router
 from spendgate_gateway._contracts_api import ContractsApi, contracts_router
@@ -24,6 +26,7 @@ from spendgate_gateway._proxy import Proxy
 from spendgate_gateway._reservations import DirectReservations
 from spendgate_gateway._responses import error_response, json_response
 from spendgate_gateway._settings import GatewaySettings
+from spendgate_gateway._telemetry import GatewayTelemetry, ServerSpans
 
 _log = logging.getLogger(__name__)
 
@@ -31,18 +34,23 @@ NATS_CONNECT_DEADLINE = timedelta(seconds=30)
 PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
-def _upstream_client(settings: GatewaySettings, base_url: str) -> httpx.AsyncClient:
+def _upstream_client(
+    settings: GatewaySettings, vendor: str, base_url: str, telemetry: GatewayTelemetry
+) -> httpx.AsyncClient:
+    limits = httpx.Limits(
+        max_connections=settings.upstream_connections_max,
+        max_keepalive_connections=settings.upstream_connections_max,
+    )
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     return httpx.AsyncClient(
         base_url=base_url,
+        # Timed and traced per vendor when telemetry is on (the limits live in it).
+        transport=telemetry.upstream_transport(vendor, transport),
         timeout=httpx.Timeout(
             connect=settings.upstream_connect_timeout.total_seconds(),
             read=settings.upstream_read_timeout.total_seconds(),
             write=settings.upstream_read_timeout.total_seconds(),
             pool=settings.upstream_connect_timeout.total_seconds(),
-        ),
-        limits=httpx.Limits(
-            max_connections=settings.upstream_connections_max,
-            max_keepalive_connections=settings.upstream_connections_max,
         ),
         # Redirects from a payment API are not ours to follow with the real key.
         follow_redirects=False,
@@ -50,9 +58,10 @@ def _upstream_client(settings: GatewaySettings, base_url: str) -> httpx.AsyncCli
     )
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
+def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) -> FastAPI:
     """The gateway app. NATS and upstream clients are opened in its lifespan."""
     holder: dict[str, object] = {}
+    observed = GatewayTelemetry(telemetry or Telemetry.disabled())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -66,9 +75,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             partition_count=settings.common.partition_count,
             timeout=settings.ledger_timeout,
             inflight_max=settings.ledger_inflight_per_partition_max,
+            observer=observed.ledger_observer(),
         )
         clients = {
-            name: _upstream_client(settings, vendor.base_url)
+            name: _upstream_client(settings, name, vendor.base_url, observed)
             for name, vendor in settings.vendors.items()
         }
         proxy = Proxy(settings, ledger, clients)
@@ -103,6 +113,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         status, code, message = exception_status_code_message(error)
         return error_response(status, code, message)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, error: StarletteHTTPException) -> Response:
+        """The router's own refusals (no such route, method) in our error shape."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail), headers=error.headers)
+
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> Response:
         """Liveness: the process serves HTTP."""
@@ -115,6 +131,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         connected = bool(nats is not None and getattr(nats, "is_connected", False))
         return json_response(200 if connected else 503, {"ready": connected})
 
+    @app.get("/metrics", tags=["operations"], include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus metrics of this gateway (docs/operations.md)."""
+        return await observed.metrics_response()
+
     _control_api.install(app, holder)
     app.include_router(audit_router(settings, holder))
     app.include_router(contracts_router(holder))
@@ -126,4 +147,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         assert isinstance(proxy, Proxy)
         return await proxy.handle(request)
 
+    if observed.tracer is not None:
+        app.add_middleware(ServerSpans, tracer=observed.tracer)
     return app

@@ -14,8 +14,10 @@ becomes :class:`LedgerUnavailableError`, and the gateway fails closed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Protocol
 
 import msgspec
 from nats.aio.client import Client as NatsClient
@@ -34,13 +36,27 @@ from spendgate_common.ledger_v1 import (
 )
 from spendgate_common.limits import COMMANDS_PER_REQUEST_MAX
 from spendgate_common.partitioning import partition_for_tenant
-from spendgate_common.subjects import ledger_command_subject
+from spendgate_common.subjects import (
+    HEADER_TRACEPARENT,
+    HEADER_TRACEPARENTS,
+    ledger_command_subject,
+)
 
 # Failures the ledger answers without applying the command: safe to send again.
 RETRYABLE_CODES = frozenset({"not_owner", "overloaded"})
 RETRY_PAUSE = timedelta(milliseconds=50)
 
-_Waiter = tuple[AnyCommand, "asyncio.Future[AnyResult]"]
+# A command, its caller's future, and the ``traceparent`` of its client span ("" untraced).
+_Waiter = tuple[AnyCommand, "asyncio.Future[AnyResult]", str]
+
+
+class CommandObserver(Protocol):
+    """Telemetry around each command (spendgate_gateway._telemetry.LedgerObserver): calls
+    ``send(command, traceparent)`` and returns its result."""
+
+    async def execute(
+        self, command: AnyCommand, send: Callable[[AnyCommand, str], Awaitable[AnyResult]]
+    ) -> AnyResult: ...
 
 
 @dataclass(slots=True)
@@ -58,8 +74,10 @@ class LedgerClient:
         partition_count: int,
         timeout: timedelta,
         inflight_max: int,
+        observer: CommandObserver | None = None,
     ) -> None:
         self._nats = nats
+        self._observer = observer
         self._partition_count = partition_count
         self._timeout_s = timeout.total_seconds()
         self._inflight_max = inflight_max
@@ -75,20 +93,25 @@ class LedgerClient:
         Raises :class:`LedgerUnavailableError` when no ledger answers within the deadline
         or NATS is down. Retryable refusals are retried inside the deadline.
         """
+        if self._observer is not None:
+            return await self._observer.execute(command, self._execute)
+        return await self._execute(command, "")
+
+    async def _execute(self, command: AnyCommand, traceparent: str) -> AnyResult:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._timeout_s
         while True:
-            result = await self._submit(command)
+            result = await self._submit(command, traceparent)
             if not (isinstance(result, Failed) and result.code in RETRYABLE_CODES):
                 return result
             if loop.time() + RETRY_PAUSE.total_seconds() >= give_up_at:
                 raise LedgerUnavailableError(f"ledger answered {result.code} until the deadline")
             await asyncio.sleep(RETRY_PAUSE.total_seconds())
 
-    async def _submit(self, command: AnyCommand) -> AnyResult:
+    async def _submit(self, command: AnyCommand, traceparent: str) -> AnyResult:
         channel = self._channels[self.partition_of(command.tenant)]
         future: asyncio.Future[AnyResult] = asyncio.get_running_loop().create_future()
-        channel.pending.append((command, future))
+        channel.pending.append((command, future, traceparent))
         if channel.inflight < self._inflight_max:
             channel.inflight += 1
             task = asyncio.create_task(self._send_while_pending(channel))
@@ -106,7 +129,8 @@ class LedgerClient:
             channel.inflight -= 1
 
     async def _send(self, partition: int, waiters: list[_Waiter]) -> None:
-        payload = encode_batch(CommandBatch(partition, [command for command, _ in waiters]))
+        payload = encode_batch(CommandBatch(partition, [command for command, _, _ in waiters]))
+        headers = _trace_headers(waiters) if self._observer is not None else None
         subject = ledger_command_subject(partition)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._timeout_s
@@ -116,7 +140,9 @@ class LedgerClient:
                 if remaining_s <= 0:
                     raise LedgerUnavailableError("no ledger answered before the deadline")
                 try:
-                    reply = await self._nats.request(subject, payload, timeout=remaining_s)
+                    reply = await self._nats.request(
+                        subject, payload, timeout=remaining_s, headers=headers
+                    )
                     break
                 except NoRespondersError:
                     # Nobody owns the partition right now (takeover): nothing was applied.
@@ -133,13 +159,13 @@ class LedgerClient:
         except LedgerUnavailableError as error:
             self._fail(waiters, error)
             return
-        for (_, future), result in zip(waiters, results, strict=True):
+        for (_, future, _), result in zip(waiters, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
     @staticmethod
     def _fail(waiters: list[_Waiter], error: Exception) -> None:
-        for _, future in waiters:
+        for _, future, _ in waiters:
             if not future.done():
                 future.set_exception(error)
 
@@ -147,3 +173,15 @@ class LedgerClient:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _trace_headers(waiters: list[_Waiter]) -> dict[str, str] | None:
+    """Trace context of a request: ``traceparent`` of its first traced command, and with
+    several commands one traceparent per command in order (the payload stays as it is)."""
+    traceparents = [traceparent for _, _, traceparent in waiters]
+    first = next((traceparent for traceparent in traceparents if traceparent), None)
+    if first is None:
+        return None
+    if len(traceparents) == 1:
+        return {HEADER_TRACEPARENT: first}
+    return {HEADER_TRACEPARENT: first, HEADER_TRACEPARENTS: ",".join(traceparents)}
