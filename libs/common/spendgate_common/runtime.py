@@ -7,18 +7,21 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Protocol
 
 import msgspec
 
 from spendgate_common.errors import ConfigurationError
 from spendgate_common.settings import Env
+from spendgate_common.telemetry import Telemetry, TelemetrySettings, current_trace_ids
 
 _encoder = msgspec.json.Encoder()
 
 
 class JsonLineFormatter(logging.Formatter):
-    """One JSON object per line: time, level, service, logger, message (and error)."""
+    """One JSON object per line: time, level, service, logger, message (and error), and
+    ``trace_id`` / ``span_id`` when the line is written inside a span."""
 
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -34,6 +37,9 @@ class JsonLineFormatter(logging.Formatter):
         }
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
+        ids = current_trace_ids()
+        if ids is not None:
+            line["trace_id"], line["span_id"] = ids
         return _encoder.encode(line).decode("utf-8")
 
 
@@ -67,12 +73,29 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def service_main(name: str, build: Callable[[Env], Service]) -> None:
-    """``python -m spendgate_<name>``: JSON logs, settings from the environment, run until
-    SIGTERM or SIGINT. A configuration error exits at once, naming the variable."""
+# How long a stopping process may take to flush its last spans and metrics (after the
+# service's own shutdown deadline; both fit in the pod's grace period).
+TELEMETRY_FLUSH_DEADLINE = timedelta(seconds=5)
+
+
+def start_telemetry(name: str, env: Env) -> Telemetry:
+    """The process's telemetry from the ``OTEL_*`` variables (see spendgate_common.telemetry).
+    Raises ConfigurationError naming a malformed variable."""
+    return Telemetry.start(TelemetrySettings.from_env(env), name)
+
+
+def service_main(name: str, build: Callable[[Env, Telemetry], Service]) -> None:
+    """``python -m spendgate_<name>``: JSON logs, telemetry and settings from the
+    environment, run until SIGTERM or SIGINT, flush telemetry. A configuration error exits
+    at once, naming the variable."""
     configure_logging(name)
+    env = Env()
     try:
-        service = build(Env())
+        telemetry = start_telemetry(name, env)
+        service = build(env, telemetry)
     except ConfigurationError as error:
         sys.exit(f"spendgate {name}: configuration error: {error}")
-    asyncio.run(run_until_signalled(service.start, service.stop))
+    try:
+        asyncio.run(run_until_signalled(service.start, service.stop))
+    finally:
+        telemetry.shutdown(TELEMETRY_FLUSH_DEADLINE)

@@ -9,7 +9,10 @@ from spendgate_common.runtime import service_main
 
 def main() -> None:
     service_main(
-        "auditor", lambda env: AuditorService(AuditorSettings.from_env(env), exit_on_crash=True)
+        "auditor",
+        lambda env, telemetry: AuditorService(
+            AuditorSettings.from_env(env), exit_on_crash=True, telemetry=telemetry
+        ),
     )
 
 

@@ -43,14 +43,17 @@ from spendgate_auditor._chain import ChainHead
 from spendgate_auditor._checkpoints import CheckpointSchedule
 from spendgate_auditor._finance import FinancePublisher, ensure_finance_stream
 from spendgate_auditor._gaps import GapWatch
-from spendgate_auditor._plan import Delivery, parse_delivery
+from spendgate_auditor._plan import BatchPlan, Delivery, parse_delivery
 from spendgate_auditor._settings import AuditorSettings
 from spendgate_auditor._signing import Signer
 from spendgate_auditor._store import AuditStore, BatchOutcome, CheckpointRow
+from spendgate_auditor._telemetry import AuditorTelemetry
 from spendgate_common import audit_v1, nats_adapter, pg
 from spendgate_common.errors import StoreUnavailableError
 from spendgate_common.migrate import apply_migrations
+from spendgate_common.ops_http import Check, OpsServer
 from spendgate_common.subjects import AUDITOR_DURABLE, EVENTS_STREAM
+from spendgate_common.telemetry import Telemetry
 
 _log = logging.getLogger(__name__)
 
@@ -66,6 +69,10 @@ _NATS_ERRORS = (NatsError, OSError, TimeoutError)
 FETCH_WAIT_MIN_S = 0.05
 # Most skipped-event reasons logged per batch (the rest are counted).
 SKIPPED_LOGGED_MAX = 10
+# /healthz fails when the consume loop has not come round for this long (at least this,
+# and at least four fetch waits): a hung loop. Postgres or NATS away only slows it.
+LIVENESS_STALL = timedelta(seconds=120)
+LIVENESS_STALL_FETCH_WAITS = 4
 
 
 @dataclass(slots=True)
@@ -91,9 +98,27 @@ class AuditorService:
     off and find the error re-raised by :meth:`stop`.
     """
 
-    def __init__(self, settings: AuditorSettings, *, exit_on_crash: bool = False) -> None:
+    def __init__(
+        self,
+        settings: AuditorSettings,
+        *,
+        exit_on_crash: bool = False,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self._settings = settings
         self._exit_on_crash = exit_on_crash
+        self._telemetry = AuditorTelemetry(telemetry or Telemetry.disabled())
+        self._ops: OpsServer | None = None
+        if settings.metrics_port:
+            self._ops = OpsServer(
+                settings.metrics_host,
+                settings.metrics_port,
+                self._telemetry.telemetry,
+                live=self._live,
+                ready=self._ready,
+            )
+        self._started = False
+        self._loop_beat = 0.0
         self._stopping = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
         self._nats: NatsClient | None = None
@@ -166,6 +191,9 @@ class AuditorService:
 
     async def start(self) -> None:
         settings = self._settings
+        if self._ops is not None:
+            await self._ops.start()
+        self._telemetry.watch(self.status)
         self._pool = await pg.create_pool(
             settings.database_url,
             min_size=1,
@@ -207,6 +235,8 @@ class AuditorService:
         await self._api.start()
         self._loop_task = asyncio.create_task(self._consume(), name="auditor-consume")
         self._loop_task.add_done_callback(self._on_loop_done)
+        self._loop_beat = time.monotonic()
+        self._started = True
         self._status_task = asyncio.create_task(self._log_status(), name="auditor-status")
         if settings.approval_webhook_url and settings.approval_webhook_secret:
             # Its own consumer: a slow webhook never holds up the chain.
@@ -276,6 +306,8 @@ class AuditorService:
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), remaining_s())
+        if self._ops is not None:
+            await self._ops.stop()
         _log.info("auditor stopped")
         if self._loop_task is not None and not self._loop_task.cancelled():
             crash = self._loop_task.exception()
@@ -303,6 +335,7 @@ class AuditorService:
         assert self._finance is not None
         settings = self._settings
         while not self._stopping.is_set():
+            self._loop_beat = time.monotonic()
             try:
                 await self._sign_due()
                 await self._finance.drain_backlog()
@@ -329,13 +362,16 @@ class AuditorService:
                     # (a NATS server that came back without its store).
                     await self._reensure_consumer()
                 continue
+            traced = self._telemetry.begin_batch(messages)
             try:
-                await self._handle(messages)
+                plan = await self._handle(messages)
             except StoreUnavailableError as error:
+                self._telemetry.end_batch(traced, None, error.code)
                 _log.warning("chaining %d events failed: %s", len(messages), error)
                 await _settle(messages, [], [], range(len(messages)), self._pause_s)
                 await self._pause()
                 continue
+            self._telemetry.end_batch(traced, plan)
             self._pause_s = settings.retry_pause_min.total_seconds()
 
     async def _sign_due(self) -> None:
@@ -345,7 +381,8 @@ class AuditorService:
             written, every = await self.store.sign_heads(due, self._signer)
             self._signed(written, every)
 
-    async def _handle(self, messages: Sequence[Msg]) -> None:
+    async def _handle(self, messages: Sequence[Msg]) -> BatchPlan | None:
+        """Chain a fetched batch and settle its messages; its plan (None: nothing chained)."""
         assert self._store is not None
         assert self._finance is not None
         deliveries: list[Delivery] = []
@@ -371,7 +408,7 @@ class AuditorService:
         # Committed (or nothing to commit): now, and only now, settle the messages.
         if outcome is None:
             await _settle(messages, [], malformed, [], 0)
-            return
+            return None
         plan = outcome.plan
         self._schedule.committed(
             plan.heads.values(),
@@ -387,6 +424,7 @@ class AuditorService:
             await self._finance.drain_backlog()
         else:
             await self._finance.publish(outcome.finance)
+        return plan
 
     def _measure(self, messages: Sequence[Msg], outcome: BatchOutcome) -> None:
         counters = self.counters
@@ -395,6 +433,7 @@ class AuditorService:
         counters.duplicates += len(outcome.plan.duplicates)
         counters.checkpoints_signed += len(outcome.checkpoints)
         counters.rollup_skipped_events += len(outcome.skipped)
+        self._telemetry.settled(outcome.finance)
         if outcome.last_event_at_ms is not None:
             counters.lag_ms = max(0, time.time_ns() // 1_000_000 - outcome.last_event_at_ms)
         with contextlib.suppress(Exception):
@@ -477,6 +516,25 @@ class AuditorService:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), self._pause_s)
         self._pause_s = min(self._pause_s * 2, self._settings.retry_pause_max.total_seconds())
+
+    # ---------------------------------------------------------------- operations
+
+    def _live(self) -> Check:
+        """Liveness: started, and the consume loop came round recently (hung otherwise)."""
+        if not self._started:
+            return Check(False, {"reason": "starting"})
+        stall = max(LIVENESS_STALL, self._settings.fetch_wait * LIVENESS_STALL_FETCH_WAITS)
+        since_s = time.monotonic() - self._loop_beat
+        loop_alive = self._loop_task is not None and not self._loop_task.done()
+        if not loop_alive or since_s > stall.total_seconds():
+            return Check(False, {"reason": f"consume loop idle for {since_s:.0f} s"})
+        return Check(True)
+
+    def _ready(self) -> Check:
+        """Readiness: started and connected to NATS (it answers the audit API there)."""
+        connected = self._nats_connected()
+        ok = self._started and connected and not self._stopping.is_set()
+        return Check(ok, {"nats": connected, "lag_events": self.counters.lag_events})
 
 
 async def _settle(

@@ -60,6 +60,9 @@ class AuditorSettings:
     # HMAC-SHA256 secret that signs them (docs/contracts.md).
     approval_webhook_url: str | None = None
     approval_webhook_secret: str | None = None
+    # The operations endpoint (/metrics, /healthz, /readyz); port 0: not served.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Env) -> AuditorSettings:
@@ -120,6 +123,10 @@ class AuditorSettings:
             ),
             approval_webhook_url=env.optional_text("SPENDGATE_APPROVAL_WEBHOOK_URL"),
             approval_webhook_secret=env.optional_text("SPENDGATE_APPROVAL_WEBHOOK_SECRET"),
+            metrics_host=env.text("SPENDGATE_METRICS_HOST", "127.0.0.1"),
+            metrics_port=env.integer(
+                "SPENDGATE_AUDITOR_METRICS_PORT", 0, minimum=0, maximum=65_535
+            ),
         )
         if settings.approval_webhook_url and len(settings.approval_webhook_secret or "") < 16:
             raise ConfigurationError(

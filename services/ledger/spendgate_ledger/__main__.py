@@ -9,7 +9,10 @@ from spendgate_ledger._settings import LedgerSettings
 
 def main() -> None:
     service_main(
-        "ledger", lambda env: LedgerService(LedgerSettings.from_env(env), exit_on_crash=True)
+        "ledger",
+        lambda env, telemetry: LedgerService(
+            LedgerSettings.from_env(env), exit_on_crash=True, telemetry=telemetry
+        ),
     )
 
 

@@ -28,6 +28,7 @@ from spendgate_ledger._snapshot import SnapshotChildError, decode_snapshot, fork
 from spendgate_ledger._snapshot_store import SnapshotStore
 from spendgate_ledger._state import PartitionState, Sweep
 from spendgate_ledger._store import EventRow, Lease, LedgerStore
+from spendgate_ledger._telemetry import LedgerTelemetry, RequestTrace
 
 _log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class PendingRequest:
     commands: Sequence[AnyCommand | Sweep]
     # Empty for internal requests (sweeps), which get no reply.
     reply_subject: str
+    # The callers' trace context when tracing is on and the request carries one.
+    trace: RequestTrace | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +136,11 @@ class PartitionWorker:
         loader: StateLoader,
         sweep_interval: timedelta,
         lease_fresh: Callable[[], bool],
+        telemetry: LedgerTelemetry | None = None,
     ) -> None:
         self.lease = lease
+        # None when telemetry is off: then a batch pays nothing for it.
+        self._telemetry = telemetry
         self.state = state
         self._store = store
         self._relay = relay
@@ -209,6 +215,16 @@ class PartitionWorker:
         first_seq = self.state.last_seq + 1
         rows: list[EventRow] = []
         replies: list[list[AnyResult]] = []
+        telemetry = self._telemetry
+        traced = None
+        if telemetry is not None and telemetry.tracing:
+            traces = [request.trace for request in batch]
+            traced = telemetry.begin_batch(
+                self.partition, traces, [len(request.commands) for request in batch]
+            )
+        # With a traced batch: the number of events after each command (which command
+        # produced which event, so that each event carries its command's trace context).
+        ends: list[int] | None = None if traced is None else []
         for request in batch:
             results: list[AnyResult] = []
             for command in request.commands:
@@ -218,14 +234,24 @@ class PartitionWorker:
                     self.state.apply(seq, event)
                     rows.append(EventRow(seq, event_type(event), encode_event(event)))
                 results.append(decision.result)
+                if ends is not None:
+                    ends.append(len(rows))
             replies.append(results)
+        append_started_ns = time.time_ns()
         failure = await self._append(first_seq, rows) if rows else None
+        append_ns = (append_started_ns, time.time_ns())
         if failure is not None:
             replies = [[failure] * len(request.commands) for request in batch]
         elif rows:
-            self._relay.committed(rows, rows[-1].seq)
+            traceparents = None
+            if traced is not None and ends is not None:
+                traceparents = traced.event_traceparents(rows, ends)
+            self._relay.committed(rows, rows[-1].seq, traceparents)
             self._maybe_snapshot()
         await self._reply_all(batch, replies)
+        if telemetry is not None:
+            commands = [request.commands for request in batch]
+            telemetry.end_batch(traced, commands, replies, rows, append_ns, failure)
         if failure is not None and failure.code == "store_unavailable":
             # After the replies, so callers hear at once; the append may or may not have
             # landed, so the in-memory state is rebuilt from the log before the next batch.

@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 from nats.aio.client import Client as NatsClient
@@ -39,6 +39,7 @@ from spendgate_common.subjects import (
     HEADER_MSG_ID,
     HEADER_PARTITION,
     HEADER_SEQ,
+    HEADER_TRACEPARENT,
     events_subject,
 )
 from spendgate_ledger._store import EventRow, LedgerStore
@@ -78,6 +79,10 @@ class EventRelay:
         self._inflight_max = inflight_max
         self._buffer_events_max = buffer_events_max
         self._buffer: deque[EventRow] = deque()
+        # seq -> traceparent of the command span that produced the event (traced events
+        # only; added as a header so the auditor's span links back). Emptied with the
+        # buffer and as windows are published, so it never outgrows the buffer.
+        self._traceparents: dict[int, bytes] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -95,14 +100,23 @@ class EventRelay:
         self._ack_refusal: bytes | None = None
         self._acked = asyncio.Event()
 
-    def committed(self, rows: Sequence[EventRow], last_seq: int) -> None:
-        """Called by the partition loop after a batch committed (never awaits)."""
+    def committed(
+        self,
+        rows: Sequence[EventRow],
+        last_seq: int,
+        traceparents: Mapping[int, bytes] | None = None,
+    ) -> None:
+        """Called by the partition loop after a batch committed (never awaits).
+        ``traceparents``: the trace context of traced events, by seq."""
         self.committed_seq = last_seq
         if len(self._buffer) + len(rows) <= self._buffer_events_max:
             self._buffer.extend(rows)
+            if traceparents:
+                self._traceparents.update(traceparents)
         else:
             # Too far behind (JetStream down?): forget and read back from the log later.
             self._buffer.clear()
+            self._traceparents.clear()
         self._idle.clear()
         self._wake.set()
 
@@ -162,6 +176,9 @@ class EventRelay:
         await self._publish(window)
         await self._store.set_published_seq(self.partition, window[-1].seq)
         self.published_seq = window[-1].seq
+        if self._traceparents:
+            for row in window:
+                self._traceparents.pop(row.seq, None)
 
     async def _publish(self, window: Sequence[EventRow]) -> None:
         """Publish ``window`` and return once JetStream stored (or deduplicated) all of it.
@@ -204,6 +221,7 @@ class EventRelay:
         partition = self.partition
         subject = self._subject
         payload_max = self._nats.max_payload
+        traceparents = self._traceparents
         frames = bytearray()
         for row in window:
             seq = row.seq
@@ -216,6 +234,9 @@ class EventRelay:
                 _SEQ,
                 seq,
             )
+            traceparent = traceparents.get(seq) if traceparents else None
+            if traceparent is not None:
+                headers = b"%s%s: %s\r\n\r\n" % (headers[:-2], _TRACEPARENT, traceparent)
             size = len(headers) + len(row.body)
             # An event is a few hundred bytes; the server would close the connection on a
             # message above its max_payload, so make sure it never sees one.
@@ -251,3 +272,4 @@ class EventRelay:
 _MSG_ID = HEADER_MSG_ID.encode()
 _PARTITION = HEADER_PARTITION.encode()
 _SEQ = HEADER_SEQ.encode()
+_TRACEPARENT = HEADER_TRACEPARENT.encode()

@@ -39,13 +39,16 @@ from spendgate_common.ledger_v1 import (
 )
 from spendgate_common.limits import COMMANDS_PER_REQUEST_MAX
 from spendgate_common.migrate import apply_migrations
+from spendgate_common.ops_http import Check, OpsServer
 from spendgate_common.subjects import ledger_command_subject
+from spendgate_common.telemetry import Telemetry
 from spendgate_ledger._partition import PartitionWorker, PendingRequest, StateConfig, StateLoader
 from spendgate_ledger._relay import EventRelay
 from spendgate_ledger._replicas import ReplicaRegistry, fair_share
 from spendgate_ledger._settings import LedgerSettings
 from spendgate_ledger._snapshot_store import SnapshotStore
 from spendgate_ledger._store import Lease, LedgerStore
+from spendgate_ledger._telemetry import LedgerTelemetry
 
 _log = logging.getLogger(__name__)
 
@@ -67,6 +70,10 @@ LEASE_ROW_TTL_FRACTION = 0.75
 SELF_DROP_FRACTION = 0.5
 # Exit status of a process whose partition loop hit a broken invariant (EX_SOFTWARE).
 EXIT_CODE_CRASHED = 70
+# /healthz fails when the lease loop has not run a round for this many leases (at least
+# LIVENESS_STALL_MIN): a stuck loop. Postgres being away does not stop the rounds.
+LIVENESS_STALL_LEASES = 6
+LIVENESS_STALL_MIN = timedelta(seconds=60)
 
 
 @dataclass(slots=True)
@@ -86,9 +93,27 @@ class LedgerService:
     the error re-raised by :meth:`stop`.
     """
 
-    def __init__(self, settings: LedgerSettings, *, exit_on_crash: bool = False) -> None:
+    def __init__(
+        self,
+        settings: LedgerSettings,
+        *,
+        exit_on_crash: bool = False,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self._settings = settings
         self._exit_on_crash = exit_on_crash
+        self._telemetry = LedgerTelemetry(telemetry or Telemetry.disabled())
+        self._ops: OpsServer | None = None
+        if settings.metrics_port:
+            self._ops = OpsServer(
+                settings.metrics_host,
+                settings.metrics_port,
+                self._telemetry.telemetry,
+                live=self._live,
+                ready=self._ready,
+            )
+        self._started = False
+        self._lease_round_at = 0.0
 
         self.crash: BaseException | None = None
         self._owned: dict[int, _Owned] = {}
@@ -114,6 +139,16 @@ class LedgerService:
 
     async def _start(self) -> None:
         settings = self._settings
+        if self._ops is not None:
+            # First, so that metrics and probes answer during a long start (replays).
+            await self._ops.start()
+        self._telemetry.watch(
+            lambda: len(self._owned),
+            lambda: {
+                p: o.relay.committed_seq - o.relay.published_seq for p, o in self._owned_now()
+            },
+            lambda: sum(owned.worker.queued() for _, owned in self._owned_now()),
+        )
         self._pool = await pg.create_pool(
             settings.database_url,
             min_size=2,
@@ -147,6 +182,7 @@ class LedgerService:
         )
         await self._lease_round()
         self._lease_task = asyncio.create_task(self._lease_loop(), name="ledger-leases")
+        self._started = True
         _log.info("ledger %s started, owns %d partitions", settings.owner_id, len(self._owned))
 
     async def stop(self) -> None:
@@ -163,6 +199,8 @@ class LedgerService:
         await self._release(sorted(self._owned), deadline)
         remaining = timedelta(seconds=max(0.1, give_up_at - time.monotonic()))
         await self._close_connections(remaining)
+        if self._ops is not None:
+            await self._ops.stop()
         _log.info("ledger %s stopped", self._settings.owner_id)
         if self.crash is not None:
             raise self.crash
@@ -186,6 +224,7 @@ class LedgerService:
         leases = [owned.worker.lease for owned in releasing]
         for partition in partitions:
             await self._drop(partition, unsubscribe=False)
+        self._telemetry.lease_changes.add(("released",), len(partitions))
         if self._store is not None:
             with contextlib.suppress(StoreUnavailableError):
                 await self._store.give_up(leases)
@@ -208,6 +247,7 @@ class LedgerService:
                 await self._lease_round()
             except (StoreUnavailableError, NatsError, OSError, TimeoutError) as error:
                 _log.warning("lease round failed: %s", error)
+            self._lease_round_at = time.monotonic()
             # Without a renewal for a whole lease period, another replica may own our
             # partitions by now: stop answering for them (appends would be fenced anyway).
             unrenewed_s = time.monotonic() - self._renewed_at
@@ -215,6 +255,7 @@ class LedgerService:
                 for partition in list(self._owned):
                     _log.error("partition %d: lease not renewed in time, dropping", partition)
                     await self._drop(partition)
+                    self._telemetry.lease_changes.add(("lost",))
 
     async def _lease_round(self) -> None:
         assert self._store is not None
@@ -261,6 +302,7 @@ class LedgerService:
             if partition not in still_ours or owned.worker.fenced:
                 _log.warning("partition %d: lease lost, dropping", partition)
                 await self._drop(partition)
+                self._telemetry.lease_changes.add(("lost",))
         return still_ours
 
     async def _adopt(self, lease: Lease) -> None:
@@ -291,6 +333,7 @@ class LedgerService:
             loader=self._loader,
             sweep_interval=settings.sweep_interval,
             lease_fresh=self._lease_fresh,
+            telemetry=self._telemetry if self._telemetry.active else None,
         )
         tasks = (
             asyncio.create_task(worker.run(), name=f"partition-{lease.partition}"),
@@ -307,6 +350,7 @@ class LedgerService:
             pending_bytes_limit=SUBSCRIPTION_PENDING_BYTES_MAX,
         )
         self._owned[lease.partition] = _Owned(worker, relay, subscription, tasks)
+        self._telemetry.lease_changes.add(("acquired",))
         _log.info(
             "partition %d: owned at epoch %d (seq %d)", lease.partition, lease.epoch, state.last_seq
         )
@@ -354,9 +398,39 @@ class LedgerService:
             await self._refuse(msg.reply, max(count, 1), failure)
         elif owned is None or owned.worker.fenced:
             await self._refuse(msg.reply, count, Failed("not_owner", "partition not owned here"))
-        elif not owned.worker.submit(PendingRequest(batch.commands, msg.reply)):
-            await self._refuse(msg.reply, count, Failed("overloaded", "partition queue is full"))
+        else:
+            trace = None
+            if self._telemetry.tracing:
+                trace = self._telemetry.request_trace(msg.headers, count)
+            if not owned.worker.submit(PendingRequest(batch.commands, msg.reply, trace)):
+                failure = Failed("overloaded", "partition queue is full")
+                await self._refuse(msg.reply, count, failure)
 
     async def _refuse(self, reply: str, count: int, failure: Failed) -> None:
         assert self._nats is not None
+        self._telemetry.refusals.add((failure.code,))
         await self._nats.publish(reply, encode_batch(ResultBatch([failure] * count)))
+
+    # ---------------------------------------------------------------- operations
+
+    def _owned_now(self) -> list[tuple[int, _Owned]]:
+        """A copy of the owned partitions, safe to read from the metrics thread."""
+        return list(self._owned.items())
+
+    def _live(self) -> Check:
+        """Liveness: started, and the lease loop ran a round recently (stuck otherwise)."""
+        if not self._started:
+            return Check(False, {"reason": "starting"})
+        stall = max(self._settings.lease * LIVENESS_STALL_LEASES, LIVENESS_STALL_MIN)
+        since_s = time.monotonic() - max(self._lease_round_at, self._renewed_at)
+        if since_s > stall.total_seconds():
+            return Check(False, {"reason": f"no lease round for {since_s:.0f} s"})
+        return Check(True)
+
+    def _ready(self) -> Check:
+        """Readiness: started, connected to NATS and its leases renewed recently, so it
+        answers for its partitions (or stands by when every partition has an owner)."""
+        connected = self._nats is not None and self._nats.is_connected
+        fresh = self._started and self._lease_fresh()
+        detail: dict[str, object] = {"partitions": len(self._owned), "nats": connected}
+        return Check(connected and fresh and not self._stopping.is_set(), detail)

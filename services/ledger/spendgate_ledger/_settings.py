@@ -37,6 +37,9 @@ class LedgerSettings:
     database_pool_max: int
     statement_timeout: timedelta
     shutdown_deadline: timedelta
+    # The operations endpoint (/metrics, /healthz, /readyz); port 0: not served.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Env) -> LedgerSettings:
@@ -82,4 +85,6 @@ class LedgerSettings:
             shutdown_deadline=env.seconds(
                 "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
             ),
+            metrics_host=env.text("SPENDGATE_METRICS_HOST", "127.0.0.1"),
+            metrics_port=env.integer("SPENDGATE_LEDGER_METRICS_PORT", 0, minimum=0, maximum=65_535),
         )
