@@ -9,8 +9,9 @@
 
 Every process started here is recorded; the conftest stops whatever is still running at
 the end of each test (before its NATS and database go away), so no process outlives the
-test that started it. Services get ``os.environ`` without its ``SPENDGATE_*`` variables
-(a developer's shell settings must not change what a test does) plus the given ``env``.
+test that started it. Services get ``os.environ`` without its ``SPENDGATE_*`` and
+``OTEL_*`` variables (a developer's shell settings must not change what a test does) plus
+the given ``env``.
 """
 
 from __future__ import annotations
@@ -100,8 +101,12 @@ def _next_log_path(name: str, log_dir: Path | None) -> Path:
 
 
 def _child_env(env: Mapping[str, str]) -> dict[str, str]:
+    # Neither Spendgate's settings nor OpenTelemetry's (OTEL_*) from the developer's shell:
+    # a test turns tracing on by passing the variables itself.
     inherited = {
-        name: value for name, value in os.environ.items() if not name.startswith("SPENDGATE_")
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("SPENDGATE_", "OTEL_"))
     }
     return {**inherited, "PYTHONUNBUFFERED": "1", **env}
 
