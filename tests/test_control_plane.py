@@ -413,3 +413,10 @@ def test_run_spend_sums_the_keys_with_exactly_that_label(spendgate_stack: Stack)
             "run_not_found",
         )
         assert error_code(admin.get(f"/v1/runs/{'x' * 129}/spend")) == (400, "invalid_label")
+        # A label is free text: a line break, a slash or "/spend" in it still routes.
+        odd = issue(admin, "line\nbreak/spend")
+        odd_spend = admin.get(f"/v1/runs/{quote(odd['label'], safe='')}/spend")
+        assert odd_spend.status_code == 200, odd_spend.text
+        assert odd_spend.json()["keys"][0]["key_id"] == odd["key_id"]
+        # The router's own 404 has our error shape too.
+        assert error_code(admin.get("/")) == (404, "not_found")

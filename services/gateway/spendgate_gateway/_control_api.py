@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fastapi import APIRouter, FastAPI
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -37,6 +38,16 @@ from spendgate_gateway._reservations import (
     ReleaseRequest,
     ReserveRequest,
 )
+
+
+class _LabelConvertor(PathConvertor):
+    """A label in a path: any text, '/' and line breaks included, as labels are free text
+    (``path`` stops at a line break, so such a run could not be asked for)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("label", _LabelConvertor())
 
 SCHEMAS = Schemas((*_control.REQUEST_BODIES, *_reservations.REQUEST_BODIES, *views.RESPONSE_BODIES))
 _operation = SCHEMAS.operation
@@ -90,6 +101,7 @@ def control_router(holder: Mapping[str, object]) -> APIRouter:
         status_code=201,
         openapi_extra=_operation(
             body=IssueKeyRequest,
+            example={"label": "fleet-a/run-42", "cap_usd": "5.00", "allowed_vendors": ["openai"]},
             answers={201: (views.IssuedKey, "The key; its plaintext is shown only here.")},
         ),
     )
@@ -108,6 +120,7 @@ def control_router(holder: Mapping[str, object]) -> APIRouter:
                     "label_prefix",
                     _LABEL_TEXT,
                     "Only keys whose label starts with this (not with `label`).",
+                    example="fleet-a/",
                 ),
                 _LIMIT,
                 _CURSOR,
@@ -137,6 +150,7 @@ def control_router(holder: Mapping[str, object]) -> APIRouter:
         tags=["keys"],
         openapi_extra=_operation(
             body=RevokeKeyRequest,
+            example={"reason": "leaked"},
             parameters=[_KEY_ID, TENANT],
             answers={200: (views.KeyView, "The revoked key.")},
             errors={**_NOT_FOUND_KEY, 409: "Revoked before (`already_revoked`)."},
@@ -154,6 +168,14 @@ def control_router(holder: Mapping[str, object]) -> APIRouter:
         status_code=201,
         openapi_extra=_operation(
             body=CreateBudgetRequest,
+            example={
+                "budget_id": "fleet-a-daily",
+                "scope": "fleet",
+                "match": "fleet-a/",
+                "cap_usd": "50.00",
+                "window": "daily",
+                "timezone": "Europe/Berlin",
+            },
             answers={201: (views.BudgetView, "The new budget.")},
             errors={409: "The id is taken, or the tenant has too many open budgets."},
         ),
@@ -208,6 +230,7 @@ def control_router(holder: Mapping[str, object]) -> APIRouter:
         tags=["budgets"],
         openapi_extra=_operation(
             body=UpdateBudgetRequest,
+            example={"cap_usd": "60.00"},
             parameters=[_BUDGET_ID, TENANT],
             answers={200: (views.BudgetView, "The budget with its new cap.")},
             errors=budget_errors,
@@ -233,7 +256,7 @@ def control_router(holder: Mapping[str, object]) -> APIRouter:
     # ---------------------------------------------------------------------------- runs
 
     @router.get(
-        "/runs/{label:path}/spend",
+        "/runs/{label:label}/spend",
         tags=["runs"],
         openapi_extra=_operation(
             parameters=[
@@ -262,6 +285,12 @@ def control_router(holder: Mapping[str, object]) -> APIRouter:
         openapi_extra=_operation(
             security=VAULT_KEY_SCHEME,
             body=ReserveRequest,
+            example={
+                "amount_usd": "0.40",
+                "vendor": "openai",
+                "operation": "chat gpt-4o",
+                "hold_seconds": 120,
+            },
             parameters=[
                 {
                     "name": "Idempotency-Key",
@@ -299,6 +328,7 @@ def control_router(holder: Mapping[str, object]) -> APIRouter:
         openapi_extra=_operation(
             security=VAULT_KEY_SCHEME,
             body=CommitRequest,
+            example={"actual_micros": 251_234},
             parameters=[_RESERVATION_ID],
             answers={200: (views.Settlement, "Committed at the actual cost.")},
             errors=_SETTLE_ERRORS,
@@ -314,6 +344,7 @@ def control_router(holder: Mapping[str, object]) -> APIRouter:
         openapi_extra=_operation(
             security=VAULT_KEY_SCHEME,
             body=ReleaseRequest,
+            example={"reason": "the call failed before it was sent"},
             parameters=[_RESERVATION_ID],
             answers={200: (views.Settlement, "Released: the hold is returned.")},
             errors=_SETTLE_ERRORS,

@@ -64,12 +64,14 @@ class Schemas:
         answers: Mapping[int, tuple[type[msgspec.Struct], str]],
         security: str = ADMIN_SCHEME,
         body: type[msgspec.Struct] | None = None,
+        example: Mapping[str, object] | None = None,
         parameters: Sequence[Mapping[str, object]] = (),
         errors: Mapping[int, str] | None = None,
     ) -> dict[str, Any]:
         """The ``openapi_extra`` of one route. ``answers``: status -> (body type,
         description) of its successful answers; ``errors``: status -> description of the
-        errors it may answer besides 400, 401 and 503 (429 has the denial body)."""
+        errors it may answer besides 400, 401 and 503 (429 has the denial body);
+        ``example``: a valid body (shown in /docs, and tried first by schemathesis)."""
         responses: dict[str, Any] = {}
         for status, (struct_type, description) in answers.items():
             responses[str(status)] = _content(self.ref(struct_type), description)
@@ -85,24 +87,27 @@ class Schemas:
             "parameters": [dict(parameter) for parameter in parameters],
         }
         if body is not None:
-            extra["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": self.ref(body)}},
-            }
+            media: dict[str, Any] = {"schema": self.ref(body)}
+            if example is not None:
+                media["example"] = dict(example)
+            extra["requestBody"] = {"required": True, "content": {"application/json": media}}
         return extra
 
 
 def query(
-    name: str, schema: Mapping[str, object], description: str, *, required: bool = False
+    name: str, schema: Mapping[str, object], description: str, *, example: object = None
 ) -> dict[str, object]:
-    """A query parameter's declaration."""
-    return {
+    """An optional query parameter's declaration."""
+    declaration = {
         "name": name,
         "in": "query",
-        "required": required,
+        "required": False,
         "description": description,
         "schema": dict(schema),
     }
+    if example is not None:
+        declaration["example"] = example
+    return declaration
 
 
 def path(name: str, description: str) -> dict[str, object]:
