@@ -24,6 +24,9 @@ from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.e2e
 
+# Concurrent calls of the coalescing test (one ledger request in flight per partition).
+CONCURRENT_CALLS = 24
+
 
 @pytest.fixture
 def receiver() -> Iterator[OtlpReceiver]:
@@ -370,3 +373,61 @@ async def test_with_tracing_off_requests_and_events_carry_no_trace_headers(
     # Metrics stay on without a collector: /metrics answers with the decision counters.
     exposition = httpx.get(f"{stack.gateway_url}/metrics", timeout=10).text
     assert "spendgate_decisions_total{" in exposition
+
+
+async def test_coalesced_commands_keep_each_callers_trace(
+    service_factory: ServiceFactory, nats_url: str, database_url: str, receiver: OtlpReceiver
+) -> None:
+    """With one ledger request in flight per partition, concurrent calls share requests
+    and batches; still every ledger command span is the child of its own caller's span."""
+    stack = await asyncio.to_thread(
+        harness.build_stack,
+        service_factory,
+        nats_url=nats_url,
+        database_url=database_url,
+        extra_env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "SPENDGATE_GATEWAY_LEDGER_INFLIGHT_MAX": "1",
+        },
+    )
+    issued = await asyncio.to_thread(issue_key, stack, "100.00")
+    calls = [agent_traceparent() for _ in range(CONCURRENT_CALLS)]
+    async with httpx.AsyncClient(timeout=30) as client:
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    f"{stack.gateway_url}/stripe/v1/charges",
+                    auth=(issued["key"], ""),
+                    headers={HEADER_TRACEPARENT: header},
+                    data={"amount": "10", "currency": "usd", "source": "tok_visa"},
+                )
+                for header, _, _ in calls
+            )
+        )
+    assert {response.status_code for response in responses} == {200}
+
+    def all_arrived(spans: list[ReceivedSpan]) -> bool:
+        names = {"POST /{vendor}/{path:path}", "ledger.request Reserve", "ledger.command Reserve"}
+        seen = {(s.trace_id, s.name) for s in spans}
+        return all((trace_id, name) in seen for _, trace_id, _ in calls for name in names)
+
+    spans = await asyncio.to_thread(receiver.wait_for, all_arrived)
+    batches: set[str] = set()
+    for _, trace_id, agent_span_id in calls:
+        in_trace = [s for s in spans if s.trace_id == trace_id]
+        server = one(in_trace, name="POST /{vendor}/{path:path}")
+        assert server.parent_span_id == agent_span_id
+        client_span = one(in_trace, name="ledger.request Reserve")
+        command = one(in_trace, name="ledger.command Reserve")
+        assert client_span.parent_span_id == server.span_id
+        assert command.parent_span_id == client_span.span_id
+        assert command.attributes["spendgate.decision"] == "allow"
+        assert (
+            command.attributes["spendgate.reservation_id"]
+            == server.attributes["spendgate.reservation_id"]
+        )
+        batches.update(span_id for _, span_id in command.links)
+    batch_sizes = [s.attributes["spendgate.batch.commands"] for s in spans if s.span_id in batches]
+    assert len(batch_sizes) == len(batches)
+    assert max(batch_sizes) > 1, "no batch carried several commands: nothing was coalesced"
