@@ -5,6 +5,8 @@ given prices (nothing stays held); a failed model request releases its hold."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 from pydantic_ai import Agent
@@ -113,3 +115,27 @@ async def test_estimate_commits_without_prices_and_retry_reuses_the_hold(
         third = await model._reserve(messages, None)
         assert third.reservation_id != first.reservation_id
         await client.release(third)
+
+
+async def test_streamed_requests_are_reserved_and_committed(spendgate_stack: Stack) -> None:
+    stack = spendgate_stack
+    key = issue_key(stack, cap_usd="1.00", label="pydantic-ai-stream")
+
+    async def stream_answer(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        for word in ("budgets ", "hold"):
+            yield word
+
+    async with AsyncSpendgateClient(key, gateway_url=stack.gateway_url) as client:
+        model = SpendgateModel(
+            FunctionModel(stream_function=stream_answer),
+            client,
+            vendor="openai",
+            prices=PRICES,
+            max_output_tokens=100,
+        )
+        async with Agent(model).run_stream("stream it") as run:
+            output = await run.get_output()
+        assert output == "budgets hold"
+        state = key_state(stack, key)
+        assert state["reserved_micros"] == 0
+        assert state["committed_micros"] > 0
