@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import httpx
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -40,13 +41,13 @@ from spendgate_common.ledger_v1 import (
     Release,
     Reserve,
 )
-from spendgate_common.money import format_usd
 from spendgate_common.vault_keys import VaultKey, parse_vault_key
 from spendgate_gateway import _contract_decisions as contract_decisions
 from spendgate_gateway._failures import exception_status_code_message, failed_status
 from spendgate_gateway._ledger_client import LedgerClient
 from spendgate_gateway._responses import error_response, json_response, read_body
 from spendgate_gateway._settings import GatewaySettings
+from spendgate_gateway._views import denial
 from spendgate_gateway.vendors import VENDORS, Call, Estimate, Outcome, StreamMeter, Vendor
 from spendgate_gateway.vendors._degrade import model_of
 from spendgate_gateway.vendors._pricer import Pricer
@@ -478,23 +479,8 @@ def _connection_listed(request: Request) -> frozenset[str]:
 
 
 def _denied_response(vendor: Vendor, denied: Denied) -> Response:
+    """The control plane's denial body (``_views.denial``) plus the vendor-shaped error."""
     status = contract_decisions.denial_status(denied.code)
-    remaining = max(0, denied.cap_micros - denied.committed_micros - denied.reserved_micros)
-    body: dict[str, object] = {
-        "code": denied.code,
-        "message": denied.message,
-        "spent_usd": format_usd(denied.committed_micros),
-        "reserved_usd": format_usd(denied.reserved_micros),
-        "remaining_usd": format_usd(remaining),
-        "cap_usd": format_usd(denied.cap_micros),
-        "requested_usd": format_usd(denied.requested_micros),
-        "spent_micros": denied.committed_micros,
-        "reserved_micros": denied.reserved_micros,
-        "cap_micros": denied.cap_micros,
-        "requested_micros": denied.requested_micros,
-        "scope": denied.scope,
-        "scope_id": denied.scope_id,
-        "decision_id": denied.decision_id,
-        "error": vendor.error_object(denied.code, denied.message, status),
-    }
+    body = msgspec.structs.asdict(denial(denied))
+    body["error"] = vendor.error_object(denied.code, denied.message, status)
     return json_response(status, body, vendor.refusal_headers())
