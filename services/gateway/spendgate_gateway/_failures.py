@@ -24,6 +24,7 @@ FAILED_STATUS = {
     "key_not_found": 404,
     "key_exists": 409,
     "idempotency_conflict": 409,
+    "reply_too_large": 400,
     "request_in_progress": 409,
     "reservation_not_found": 404,
     "already_settled": 409,

@@ -34,6 +34,8 @@ _log = logging.getLogger(__name__)
 
 Reply = Callable[[str, bytes], Awaitable[None]]
 
+# NATS's default max_payload; the service passes the server's own figure.
+NATS_PAYLOAD_BYTES_DEFAULT = 1_048_576
 # Larger than any sequence number: "the newest snapshot, whatever its seq".
 SEQ_MAX = 2**62
 # Pause between attempts to rebuild state while Postgres is unreachable.
@@ -122,6 +124,30 @@ class StateLoader:
         return state
 
 
+# What replaces a result that made its reply too large for one NATS message.
+REPLY_TOO_LARGE = Failed(
+    "reply_too_large", "the answer does not fit in one NATS message; ask for a smaller page"
+)
+# Room for the batch's own framing when the results are fitted one by one.
+_REPLY_FRAMING_BYTES = 64
+
+
+def fit_results(results: list[AnyResult], bytes_max: int) -> list[AnyResult]:
+    """``results`` with the largest ones replaced by ``reply_too_large`` until the reply
+    fits in ``bytes_max``. Only answers to queries are large (a grant is a few hundred
+    bytes), and a query changed nothing, so refusing it loses nothing."""
+    sizes = [len(encode_batch(ResultBatch([result]))) for result in results]
+    fitted = list(results)
+    total = sum(sizes) + _REPLY_FRAMING_BYTES
+    refusal_bytes = len(encode_batch(ResultBatch([REPLY_TOO_LARGE])))
+    for index in sorted(range(len(results)), key=sizes.__getitem__, reverse=True):
+        if total <= bytes_max:
+            break
+        fitted[index] = REPLY_TOO_LARGE
+        total -= sizes[index] - refusal_bytes
+    return fitted
+
+
 class PartitionWorker:
     def __init__(
         self,
@@ -136,6 +162,7 @@ class PartitionWorker:
         loader: StateLoader,
         sweep_interval: timedelta,
         lease_fresh: Callable[[], bool],
+        reply_bytes_max: int = NATS_PAYLOAD_BYTES_DEFAULT,
         telemetry: LedgerTelemetry | None = None,
     ) -> None:
         self.lease = lease
@@ -149,6 +176,7 @@ class PartitionWorker:
         self._loader = loader
         self._sweep_interval = sweep_interval
         self._lease_fresh = lease_fresh
+        self._reply_bytes_max = reply_bytes_max
         self._snapshot_seq = state.last_seq
         self._snapshot_task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=queue_requests_max)
@@ -260,7 +288,10 @@ class PartitionWorker:
     async def _reply_all(self, batch: list[PendingRequest], replies: list[list[AnyResult]]) -> None:
         for request, results in zip(batch, replies, strict=True):
             if request.reply_subject:
-                await self._reply(request.reply_subject, encode_batch(ResultBatch(results)))
+                body = encode_batch(ResultBatch(results))
+                if len(body) > self._reply_bytes_max:
+                    body = encode_batch(ResultBatch(fit_results(results, self._reply_bytes_max)))
+                await self._reply(request.reply_subject, body)
 
     def _maybe_snapshot(self) -> None:
         """Every ``snapshot_every_events`` events, snapshot the state (it equals the log

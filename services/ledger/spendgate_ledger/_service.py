@@ -333,6 +333,7 @@ class LedgerService:
             loader=self._loader,
             sweep_interval=settings.sweep_interval,
             lease_fresh=self._lease_fresh,
+            reply_bytes_max=self._nats.max_payload,
             telemetry=self._telemetry if self._telemetry.active else None,
         )
         tasks = (
