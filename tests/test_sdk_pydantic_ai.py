@@ -5,7 +5,7 @@ given prices (nothing stays held); a failed model request releases its hold."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -13,10 +13,10 @@ from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from spendgate_sdk import AsyncSpendgateClient, BudgetExceeded
-from spendgate_sdk.pydantic_ai import SpendgateModel, TokenPrices
+from spendgate_sdk import AsyncSpendgateClient, BudgetExceeded, DegradeRequired
+from spendgate_sdk.pydantic_ai import Fallback, SpendgateModel, TokenPrices
 from tests.harness import Stack
-from tests.test_sdk import issue_key
+from tests.test_sdk import issue_key, upload_contracts
 
 pytestmark = pytest.mark.e2e
 
@@ -107,12 +107,12 @@ async def test_estimate_commits_without_prices_and_retry_reuses_the_hold(
         # The same request twice (outside a run: no run id): the first hold is committed,
         # so the second reserves again under an attempt suffix instead of riding free.
         messages: list[ModelMessage] = []
-        first = await model._reserve(messages, None)
-        again = await model._reserve(messages, None)
+        first = (await model._reserve(messages, None)).reservation
+        again = (await model._reserve(messages, None)).reservation
         assert again.reservation_id == first.reservation_id
         assert again.replayed
         await client.commit(first, actual_micros=1)
-        third = await model._reserve(messages, None)
+        third = (await model._reserve(messages, None)).reservation
         assert third.reservation_id != first.reservation_id
         await client.release(third)
 
@@ -139,3 +139,75 @@ async def test_streamed_requests_are_reserved_and_committed(spendgate_stack: Sta
         state = key_state(stack, key)
         assert state["reserved_micros"] == 0
         assert state["committed_micros"] > 0
+
+
+DEGRADE_WHEN_LOW = b"""\
+rules:
+  - name: half-spent
+    when: budget.percent_used >= 50.0
+    decision: degrade
+    degrade_model: cheap-model
+"""
+CHEAP_PRICES = TokenPrices(input_micros_per_million=1_000_000, output_micros_per_million=4_000_000)
+
+
+async def test_a_degrade_rule_switches_the_agent_to_the_cheaper_model(
+    spendgate_stack: Stack,
+) -> None:
+    stack = spendgate_stack
+    upload_contracts(stack, DEGRADE_WHEN_LOW)
+    key = issue_key(stack, cap_usd="1.00", label="pydantic-ai-degrade")
+    seen: list[tuple[str, object]] = []
+
+    def answer_as(name: str) -> Callable[[list[ModelMessage], AgentInfo], ModelResponse]:
+        def answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+            seen.append((name, (info.model_settings or {}).get("max_tokens")))
+            return ModelResponse(parts=[TextPart(f"answered by {name}")])
+
+        return answer
+
+    async with AsyncSpendgateClient(key, gateway_url=stack.gateway_url) as client:
+        model = SpendgateModel(
+            FunctionModel(answer_as("big-model"), model_name="big-model"),
+            client,
+            vendor="openai",
+            prices=PRICES,
+            max_output_tokens=1000,
+            fallbacks={
+                "cheap-model": Fallback(
+                    FunctionModel(answer_as("cheap-model"), model_name="cheap-model"),
+                    CHEAP_PRICES,
+                )
+            },
+        )
+        agent = Agent(model)
+        # Under half spent: the model asked for answers, with the settings asked for.
+        assert (await agent.run("one", model_settings={"max_tokens": 1000})).output == (
+            "answered by big-model"
+        )
+        assert model.degraded is None
+        spend = await client.reserve(amount_micros=600_000, vendor="openai", operation="x")
+        await client.commit(spend, actual_micros=600_000)
+
+        result = await agent.run("two", model_settings={"max_tokens": 100_000})
+        assert result.output == "answered by cheap-model"
+        assert model.degraded is not None
+        rule, model_name, max_tokens = model.degraded
+        assert (rule, model_name) == ("half-spent", "cheap-model")
+        assert max_tokens is not None
+        # Clamped so that input + output at the cheap prices fit in what remained.
+        assert max_tokens < 100_000
+        assert seen[-1] == ("cheap-model", max_tokens)
+        state = key_state(stack, key)
+        assert state["reserved_micros"] == 0
+        assert state["committed_micros"] <= 1_000_000
+
+        # Without a fallback for the rule's model, the decision reaches the caller.
+        bare = SpendgateModel(
+            FunctionModel(answer_as("big-model"), model_name="big-model"),
+            client,
+            vendor="openai",
+            prices=PRICES,
+        )
+        with pytest.raises(DegradeRequired):
+            await Agent(bare).run("three")
