@@ -18,6 +18,11 @@
    and three in prod; the Tiltfile runs in starlark-go (the Starlark implementation Tilt
    uses) against stubs of Tilt's functions, and what it declares is checked against the
    dev overlay (workloads, images, dependency order, paths).
+6. **Observability** (:func:`check_observability`): the alert rules and the Grafana
+   dashboard under ``deploy/observability`` parse; every rule has its fields, a known
+   severity and an entry in docs/operations.md; every expression is balanced and uses
+   only metrics of docs/operations.md's table; the component's ``PrometheusRule`` holds
+   exactly the rules file's groups.
 
 Exit status 0 when everything passes, 1 otherwise; problems are printed one per line.
 """
@@ -25,6 +30,7 @@ Exit status 0 when everything passes, 1 otherwise; problems are printed one per 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -51,6 +57,7 @@ CUSTOM_RESOURCES = frozenset(
         ("postgresql.cnpg.io/v1", "Cluster"),
         ("monitoring.coreos.com/v1", "ServiceMonitor"),
         ("opentelemetry.io/v1beta1", "OpenTelemetryCollector"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
     }
 )
 CRD_SKIP_REASON = (
@@ -295,7 +302,7 @@ def check_grace_period(
 
 
 def check_settings(report: Report, rendering: Rendering, documented: set[str]) -> None:
-    """Settings only as documented SPENDGATE_* names; one partition count everywhere."""
+    """Settings only as documented SPENDGATE_* (and OTEL_*) names; one partition count."""
     patterns = [
         re.compile("^" + re.escape(name).replace(re.escape("<VENDOR>"), "[A-Z0-9]+") + "$")
         for name in documented
@@ -387,26 +394,27 @@ def egress_to_ip_blocks(policy: Object) -> bool:
     return any("ipBlock" in peer for rule in rules for peer in rule.get("to", []))
 
 
+# The HTTP probes every service has: probe -> path (docs/operations.md, "Probes"); the
+# ledger and the auditor also have a startup probe (migrations, replays).
+HTTP_PROBES = {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+
+
 def check_probes(report: Report, rendering: Rendering) -> None:
-    """The gateway's HTTP probes; the ledger's exec probes run a script the image ships."""
+    """HTTP probes on a port the container declares; scripts the probes run are shipped."""
     for workload, template in pod_templates(rendering):
         for container in template["spec"]["containers"]:
             label = f"{rendering.name}: {workload['metadata']['name']}"
             service = container.get("args", [None])[0]
-            if service == "gateway":
-                for probe in ("livenessProbe", "readinessProbe"):
-                    report.check("httpGet" in container.get(probe, {}), f"{label}: {probe}")
-            if service == "ledger":
-                for probe, check in (
-                    ("startupProbe", "started"),
-                    ("readinessProbe", "ready"),
-                    ("livenessProbe", "live"),
-                ):
-                    command = container.get(probe, {}).get("exec", {}).get("command", [])
-                    report.check(
-                        command[1:] == ["/app/ops/ledger_probe.py", check],
-                        f"{label}: {probe} should run ledger_probe.py {check}",
-                    )
+            probes = dict(HTTP_PROBES)
+            if service in ("ledger", "auditor"):
+                probes["startupProbe"] = "/healthz"
+            ports = {port.get("name") for port in container.get("ports", [])}
+            for probe, path in probes.items() if service in SERVICES else ():
+                http = container.get(probe, {}).get("httpGet", {})
+                report.check(
+                    http.get("path") == path and http.get("port") in ports,
+                    f"{label}: {probe} should GET {path} on a declared port",
+                )
             for word in container.get("command", []) + [
                 w
                 for p in ("startupProbe", "readinessProbe", "livenessProbe")
@@ -430,6 +438,16 @@ def check_service_monitors(report: Report, rendering: Rendering) -> None:
         report.check(
             bool(services) and ports <= named,
             f"{rendering.name}: ServiceMonitor {monitor['metadata']['name']} finds no port {ports}",
+        )
+
+
+def check_prometheus_rules(report: Report, rendering: Rendering, groups: Any) -> None:
+    """A rendered PrometheusRule holds exactly the groups of the rules file."""
+    for rule in rendering.of_kind("PrometheusRule"):
+        report.check(
+            rule.get("spec", {}).get("groups") == groups,
+            f"{rendering.name}: PrometheusRule {rule['metadata']['name']} differs from"
+            " deploy/observability/alerts.yaml",
         )
 
 
@@ -615,25 +633,170 @@ def tilt_paths(name: str, args: list[Any], kwargs: dict[str, Any]) -> Iterator[s
         yield from kwargs.get("deps", [])
 
 
+# ----------------------------------------------------------------------- observability
+
+OPERATIONS_DOC = ROOT / "docs" / "operations.md"
+SEVERITIES = frozenset({"critical", "warning", "info"})
+_METRIC_ROW = re.compile(
+    r"^\| `(spendgate_[a-z0-9_]+)` \| `spendgate\.[a-z0-9_.]+` \| (counter|gauge|histogram) \|",
+    re.MULTILINE,
+)
+_ALERT_ROW = re.compile(r"^\| `(Spendgate[A-Za-z]+)` \| (critical|warning|info) \|", re.MULTILINE)
+# Words of PromQL that are not metric names (functions, aggregations, operators).
+PROMQL_WORDS = frozenset(
+    {
+        "sum", "min", "max", "avg", "count", "stddev", "topk", "bottomk", "quantile",
+        "rate", "irate", "increase", "delta", "histogram_quantile", "absent", "scalar",
+        "vector", "clamp_min", "clamp_max", "max_over_time", "min_over_time",
+        "avg_over_time", "time", "by", "without", "on", "ignoring", "group_left",
+        "group_right", "and", "or", "unless", "bool", "offset",
+    }
+)  # fmt: skip
+# Metrics that do not come from docs/operations.md's table.
+OTHER_METRICS = frozenset({"up", "target_info"})
+OTHER_METRIC_PREFIXES = ("process_", "python_gc_")
+_DURATION = re.compile(r"^[0-9]+[smhd]$")
+
+
+def documented_metrics(text: str) -> set[str]:
+    """Every series name the metrics table of docs/operations.md makes exist."""
+    series: set[str] = set()
+    for name, kind in _METRIC_ROW.findall(text):
+        suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
+        series.update(name + suffix for suffix in suffixes)
+    return series
+
+
+def promql_metrics(expression: str) -> list[str]:
+    """The metric names an expression selects (strings, label matchers, ranges, grouping
+    labels and numbers removed first)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expression)
+    text = re.sub(r"\{[^{}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\b[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?\b", " ", text)
+    return [
+        word for word in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", text) if word not in PROMQL_WORDS
+    ]
+
+
+def check_expression(report: Report, where: str, expression: str, known: set[str]) -> None:
+    """Balanced brackets, at least one metric, and only metrics that exist."""
+    for opening, closing in ("()", "{}", "[]"):
+        report.check(
+            expression.count(opening) == expression.count(closing),
+            f"{where}: unbalanced {opening}{closing} in {expression!r}",
+        )
+    names = promql_metrics(expression)
+    report.check(bool(names), f"{where}: no metric in {expression!r}")
+    for name in names:
+        report.check(
+            name in known or name in OTHER_METRICS or name.startswith(OTHER_METRIC_PREFIXES),
+            f"{where}: unknown metric {name} (not in docs/operations.md)",
+        )
+
+
+def check_alert_rules(report: Report, path: Path, known: set[str], documented: set[str]) -> Any:
+    """Check the Prometheus rules file; return its groups (for the PrometheusRule check)."""
+    try:
+        groups = yaml.safe_load(path.read_text("utf-8"))["groups"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
+        report.problems.append(f"{path.name}: not a Prometheus rules file: {error}")
+        return None
+    seen: set[str] = set()
+    for group in groups:
+        for rule in group.get("rules", []):
+            name = str(rule.get("alert", ""))
+            where = f"{path.name}: {name or '(a rule without a name)'}"
+            report.check(name.startswith("Spendgate") and name not in seen, f"{where}: name")
+            seen.add(name)
+            report.check(rule.get("labels", {}).get("severity") in SEVERITIES, f"{where}: severity")
+            annotations = rule.get("annotations", {})
+            report.check(
+                bool(annotations.get("summary")) and bool(annotations.get("description")),
+                f"{where}: summary and description",
+            )
+            report.check(
+                "for" not in rule or bool(_DURATION.match(str(rule["for"]))), f"{where}: for"
+            )
+            check_expression(report, where, str(rule.get("expr", "")), known)
+    report.check(
+        seen == documented,
+        f"{path.name}: alerts {sorted(seen ^ documented)} are not both in the rules and in"
+        " docs/operations.md",
+    )
+    return groups
+
+
+def check_dashboard(report: Report, path: Path, known: set[str]) -> None:
+    try:
+        dashboard = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as error:
+        report.problems.append(f"{path.name}: not JSON: {error}")
+        return
+    report.check(bool(dashboard.get("uid")) and bool(dashboard.get("title")), f"{path.name}: uid")
+    variables = {v.get("name") for v in dashboard.get("templating", {}).get("list", [])}
+    ids: set[int] = set()
+    for panel in dashboard.get("panels", []):
+        where = f"{path.name}: panel {panel.get('title')!r}"
+        report.check(panel.get("id") not in ids, f"{where}: duplicate id")
+        ids.add(panel.get("id"))
+        grid = panel.get("gridPos", {})
+        report.check(grid.get("x", 0) + grid.get("w", 0) <= 24, f"{where}: wider than 24")
+        if panel.get("type") == "row":
+            continue
+        uid = str(panel.get("datasource", {}).get("uid", ""))
+        report.check(
+            uid.startswith("${") and uid[2:-1] in variables, f"{where}: datasource variable"
+        )
+        targets = panel.get("targets", [])
+        report.check(bool(targets), f"{where}: no query")
+        for target in targets:
+            check_expression(report, where, str(target.get("expr", "")), known)
+
+
+def check_observability(report: Report, directory: Path) -> Any:
+    """The alert rules and the dashboard; returns the rules' groups."""
+    operations = OPERATIONS_DOC.read_text("utf-8")
+    known = documented_metrics(operations)
+    report.check(len(known) > 20, "docs/operations.md: metrics table not found")
+    documented_alerts = set(_ALERT_ROW.findall(operations))
+    check_dashboard(report, directory / "grafana-dashboard.json", known)
+    groups = check_alert_rules(
+        report, directory / "alerts.yaml", known, {name for name, _ in documented_alerts}
+    )
+    return groups
+
+
 # ------------------------------------------------------------------------------- main
 
 
 def documented_settings() -> set[str]:
+    """SPENDGATE_* settings of the README's table and OTEL_* ones of docs/operations.md."""
     readme = (ROOT / "README.md").read_text("utf-8")
-    return set(re.findall(r"^\| `(SPENDGATE_[A-Z0-9_<>]+)` \|", readme, re.MULTILINE))
+    operations = (ROOT / "docs" / "operations.md").read_text("utf-8")
+    return set(re.findall(r"^\| `(SPENDGATE_[A-Z0-9_<>]+)` \|", readme, re.MULTILINE)) | set(
+        re.findall(r"`(OTEL_[A-Z0-9_]+[A-Z0-9])`", operations)
+    )
 
 
-def check_all(k8s: Path = ROOT / "deploy" / "k8s") -> Report:
-    """Run every check on the manifests under ``k8s``; return problems and notes."""
+def check_all(
+    k8s: Path = ROOT / "deploy" / "k8s",
+    observability: Path = ROOT / "deploy" / "observability",
+) -> Report:
+    """Run every check on the manifests under ``k8s`` and the alert rules and dashboard
+    under ``observability``; return problems and notes."""
     report = Report()
     documented = documented_settings()
     report.check(len(documented) > 20, "README.md: configuration table not found")
     all_renderings = renderings(report, k8s)
+    groups = check_observability(report, observability)
     validated = 0
     for rendering in all_renderings:
         if rendering.objects:  # else kustomize failed, and said so
             validated += validate_schemas(report, rendering)
             check_rendering(report, rendering, documented)
+            check_prometheus_rules(report, rendering, groups)
     by_name = {r.name: r for r in all_renderings}
     check_sizes(report, by_name)
     check_image(report)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import shutil
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -201,3 +204,67 @@ def test_the_ledger_reads_the_sampled_contexts_of_a_request() -> None:
     assert ledger.request_trace({HEADER_TRACEPARENT: TRACEPARENT}, 2) is None
     assert ledger.request_trace({HEADER_TRACEPARENTS: f"{unsampled},"}, 2) is None
     assert ledger.request_trace(None, 1) is None
+
+
+# --------------------------------------------------------------- docs and deploy files
+
+ROOT = Path(__file__).resolve().parent.parent
+TELEMETRY_MODULES = [
+    ROOT / "services" / service / f"spendgate_{service}" / "_telemetry.py"
+    for service in ("gateway", "ledger", "auditor")
+]
+
+
+def test_every_metric_in_the_code_is_in_the_operations_table_and_back() -> None:
+    # In the services' telemetry modules every "spendgate.*" literal is an instrument
+    # name (attribute names live in spendgate_common.telemetry).
+    in_code = {
+        name
+        for path in TELEMETRY_MODULES
+        for name in re.findall(r'"(spendgate\.[a-z0-9_.]+)"', path.read_text("utf-8"))
+    }
+    operations = (ROOT / "docs" / "operations.md").read_text("utf-8")
+    in_docs = set(re.findall(r"^\| `spendgate_[a-z0-9_]+` \| `(spendgate\.[a-z0-9_.]+)` \|",
+                             operations, re.MULTILINE))  # fmt: skip
+    assert len(in_code) > 20
+    assert in_code == in_docs, in_code ^ in_docs
+
+
+# (file, text, replacement, words of the problem it must cause)
+OBSERVABILITY_MUTATIONS = [
+    ("observability/alerts.yaml", "spendgate_ledger_relay_backlog)", "spendgate_relay_backlog)",
+     "unknown metric spendgate_relay_backlog"),
+    ("observability/alerts.yaml", "severity: info", "severity: page", "severity"),
+    ("observability/alerts.yaml", "alert: SpendgateManyStops", "alert: SpendgateStops",
+     "not both in the rules and in docs"),
+    ("observability/alerts.yaml", "> 0.05\n", ") > 0.05\n", "unbalanced"),
+    ("observability/grafana-dashboard.json", '"spendgate_ledger_partitions_owned"',
+     '"spendgate_ledger_partition_owned"', "unknown metric spendgate_ledger_partition_owned"),
+    ("observability/grafana-dashboard.json", '"uid": "spendgate-overview",', "",
+     "grafana-dashboard.json: uid"),
+    ("k8s/components/observability/prometheus-rules.yaml", "latency above 50 ms",
+     "latency above 60 ms", "differs from deploy/observability/alerts.yaml"),
+    ("k8s/base/ledger.yaml", "path: /readyz", "path: /ready", "readinessProbe should GET /readyz"),
+    ("k8s/base/auditor.yaml", "- name: metrics\n", "- name: operations\n",
+     "auditor: livenessProbe should GET /healthz on a declared port"),
+    ("k8s/components/observability/otel-env.yaml", "name: OTEL_TRACES_SAMPLER\n",
+     "name: OTEL_TRACE_SAMPLER\n", "OTEL_TRACE_SAMPLER, which is not in"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "text", "replacement", "expected"), OBSERVABILITY_MUTATIONS)
+def test_deploy_check_refuses_broken_observability_files(
+    tmp_path: Path, path: str, text: str, replacement: str, expected: str
+) -> None:
+    from deploy import check
+
+    shutil.copytree(ROOT / "deploy" / "k8s", tmp_path / "k8s")
+    shutil.copytree(ROOT / "deploy" / "observability", tmp_path / "observability")
+    target = tmp_path / path
+    original = target.read_text("utf-8")
+    assert original.count(text) == 1, f"the mutation's text is not unique in {path}"
+    target.write_text(original.replace(text, replacement), "utf-8")
+
+    report = check.check_all(tmp_path / "k8s", tmp_path / "observability")
+
+    assert any(expected in problem for problem in report.problems), report.problems
