@@ -57,5 +57,8 @@ class GapWatch:
         return "alarm", open_s
 
     def stalled(self) -> list[int]:
-        """Partitions whose open gap has been reported as an alarm (a gauge)."""
-        return sorted(p for p, gap in self._open.items() if gap.alarmed_at_s is not None)
+        """Partitions whose open gap has been reported as an alarm (a gauge).
+
+        Also read by the metrics collection thread: ``list()`` copies the items in one
+        step, so the loop changing the dict meanwhile cannot break the iteration."""
+        return sorted(p for p, gap in list(self._open.items()) if gap.alarmed_at_s is not None)
