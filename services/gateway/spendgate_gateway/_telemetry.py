@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.metrics import Histogram
 from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode, Tracer
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,8 +65,8 @@ class GatewayTelemetry:
         self.tracer = telemetry.tracer
         meter = telemetry.meter
         self.decisions: Counts | None = None
-        self.reserve_duration = None
-        self.upstream_duration = None
+        self.reserve_duration: Histogram | None = None
+        self.upstream_duration: Histogram | None = None
         if meter is not None:
             self.decisions = Counts((DECISION, VENDOR, SCOPE, REASON))
             self.decisions.register(
@@ -93,10 +94,6 @@ class GatewayTelemetry:
 
     def ledger_observer(self) -> LedgerObserver | None:
         return LedgerObserver(self) if self.active else None
-
-    def server_spans(self, app: ASGIApp) -> ASGIApp:
-        """``app`` wrapped in server spans when tracing is on, else ``app`` itself."""
-        return app if self.tracer is None else ServerSpans(app, self.tracer)
 
     def upstream_transport(
         self, vendor: str, transport: httpx.AsyncBaseTransport

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry import trace
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, Histogram, Observation
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -121,8 +121,8 @@ class LedgerTelemetry:
         self.events_appended = Counts(())
         self.lease_changes = Counts((LEASE_CHANGE,))
         self.refusals = Counts((REASON,))
-        self._batch_commands = None
-        self._append_duration = None
+        self._batch_commands: Histogram | None = None
+        self._append_duration: Histogram | None = None
         meter = self.meter
         if meter is None:
             return
