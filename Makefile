@@ -38,8 +38,9 @@ typecheck: install ## mypy --strict over every package
 	$(VENV)/bin/mypy
 
 # About a second, offline: kustomize build of every overlay, Kubernetes schema validation,
-# our manifest rules, hadolint, the Tiltfile in Starlark (see deploy/check.py).
-deploy-check: install ## check the Dockerfile, deploy/k8s and the Tiltfile
+# our manifest rules, hadolint, the Tiltfile in Starlark, the alert rules and the Grafana
+# dashboard against docs/operations.md's metrics (see deploy/check.py).
+deploy-check: install ## check the Dockerfile, deploy/k8s, the Tiltfile, alert rules and dashboard
 	$(VENV)/bin/python -m deploy.check
 
 pytest: install ## the tests (real NATS and Postgres started by the harness)
