@@ -9,6 +9,7 @@ as an instrumented agent would, so each call's trace id is known in advance.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -312,12 +313,26 @@ async def test_no_secret_and_no_body_in_any_log_line_or_exported_span(
     wrong_secret = vault_key[:-4] + "AAAA"
     refused = await asyncio.to_thread(charge, stack, wrong_secret, 60, "", description=marker)
     assert (granted.status_code, denied.status_code, refused.status_code) == (200, 429, 401)
+    # A call whose vendor cannot be reached: the gateway logs it inside the call's span.
+    await asyncio.to_thread(stack.fake.kill)
+    unreachable_header, unreachable_trace, _ = agent_traceparent()
+    unreachable = await asyncio.to_thread(
+        charge, stack, vault_key, 10, unreachable_header, description=marker
+    )
+    assert unreachable.status_code == 502, unreachable.text
     async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=10) as client:
         revoke = await client.post(f"/v1/keys/{issued['key_id']}/revoke", json={}, headers=admin)
         assert revoke.status_code == 200, revoke.text
     await asyncio.to_thread(receiver.wait_for, call_is_traced(trace_id, "allow"))
     # Stop everything: the services flush their last spans and write their last lines.
     await asyncio.to_thread(harness.stop_processes)
+
+    gateway_log = next(path for path in service_factory.log_dir.glob("*-gateway.log"))
+    lines = [json.loads(line) for line in gateway_log.read_text("utf-8").splitlines()]
+    failed = [line for line in lines if "upstream failed" in line["message"]]
+    assert failed, "the unreachable vendor was not logged"
+    assert failed[0]["trace_id"] == unreachable_trace
+    assert len(failed[0]["span_id"]) == 16
 
     secret_part = vault_key.rsplit("_", 1)[1]
     secrets_used = {
