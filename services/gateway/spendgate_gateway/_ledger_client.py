@@ -52,7 +52,10 @@ _Waiter = tuple[AnyCommand, "asyncio.Future[AnyResult]", str]
 
 class CommandObserver(Protocol):
     """Telemetry around each command (spendgate_gateway._telemetry.LedgerObserver): calls
-    ``send(command, traceparent)`` and returns its result."""
+    ``send(command, traceparent)`` and returns its result. ``traces``: it makes spans, so
+    requests may carry trace context."""
+
+    traces: bool
 
     async def execute(
         self, command: AnyCommand, send: Callable[[AnyCommand, str], Awaitable[AnyResult]]
@@ -78,6 +81,7 @@ class LedgerClient:
     ) -> None:
         self._nats = nats
         self._observer = observer
+        self._traces = observer is not None and observer.traces
         self._partition_count = partition_count
         self._timeout_s = timeout.total_seconds()
         self._inflight_max = inflight_max
@@ -130,7 +134,7 @@ class LedgerClient:
 
     async def _send(self, partition: int, waiters: list[_Waiter]) -> None:
         payload = encode_batch(CommandBatch(partition, [command for command, _, _ in waiters]))
-        headers = _trace_headers(waiters) if self._observer is not None else None
+        headers = _trace_headers(waiters) if self._traces else None
         subject = ledger_command_subject(partition)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._timeout_s

@@ -112,6 +112,7 @@ class LedgerObserver:
 
     def __init__(self, telemetry: GatewayTelemetry) -> None:
         self._tracer = telemetry.tracer
+        self.traces = telemetry.tracer is not None
         self._decisions = telemetry.decisions
         self._duration = telemetry.reserve_duration
 
