@@ -107,7 +107,10 @@ def decode_metric_names(body: bytes) -> set[tuple[str, str]]:
 class OtlpReceiver:
     """An OTLP/HTTP (protobuf) receiver on 127.0.0.1; ``endpoint`` is its base URL."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0, *, keep: bool = True) -> None:
+        # keep=False: count spans only (a long-running sink must not grow).
+        self._keep = keep
+        self.span_count = 0
         self._lock = threading.Lock()
         self._spans: list[ReceivedSpan] = []
         self._metric_names: set[tuple[str, str]] = set()
@@ -139,7 +142,7 @@ class OtlpReceiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -162,13 +165,16 @@ class OtlpReceiver:
     def _received_spans(self, body: bytes) -> None:
         spans = decode_spans(body)
         with self._lock:
-            self.bodies.append(body)
-            self._spans.extend(spans)
+            self.span_count += len(spans)
+            if self._keep:
+                self.bodies.append(body)
+                self._spans.extend(spans)
 
     def _received_metrics(self, body: bytes) -> None:
         names = decode_metric_names(body)
         with self._lock:
-            self.bodies.append(body)
+            if self._keep:
+                self.bodies.append(body)
             self._metric_names.update(names)
 
     def spans(self) -> list[ReceivedSpan]:
@@ -204,3 +210,25 @@ def _decompressed(body: bytes, encoding: str | None) -> bytes:
 
 def trace_of(spans: list[ReceivedSpan], trace_id: str) -> Iterator[ReceivedSpan]:
     return (span for span in spans if span.trace_id == trace_id)
+
+
+def main() -> None:
+    """``python -m tests.otlp_receiver --port 4318``: a local OTLP sink (for a benchmark
+    with tracing on, without a collector); prints how many spans it has every 5 s."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=4318)
+    port = parser.parse_args().port
+    with OtlpReceiver(port, keep=False) as receiver:
+        print(f"OTLP/HTTP receiver on {receiver.endpoint}", flush=True)
+        try:
+            while True:
+                time.sleep(5)
+                print(f"{receiver.span_count} spans received", flush=True)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
