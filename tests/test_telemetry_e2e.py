@@ -46,6 +46,8 @@ def traced_stack(
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "100",
             "OTEL_METRIC_EXPORT_INTERVAL": "500",
+            # A call with no ledger answering fails closed sooner.
+            "SPENDGATE_GATEWAY_LEDGER_TIMEOUT_MS": "1000",
             "SPENDGATE_LEDGER_METRICS_PORT": str(free_port()),
             "SPENDGATE_AUDITOR_METRICS_PORT": str(free_port()),
         },
@@ -200,6 +202,27 @@ async def test_a_granted_and_a_denied_call_each_make_one_trace_across_the_servic
         assert why["spendgate.reason"] == "cap_exhausted"
         assert "cap exhausted" in why["message"]
     assert not [s for s in spans if s.trace_id == denied_trace and s.name.startswith("upstream")]
+
+    # An internal failure: no ledger answers, the gateway fails closed, the spans say error.
+    await asyncio.to_thread(stack.services["ledger"].kill)
+    failed_header, failed_trace, _ = agent_traceparent()
+    failed = await asyncio.to_thread(charge, stack, issued["key"], 10, failed_header)
+    assert failed.status_code == 503, failed.text
+
+    def failure_traced(spans: list[ReceivedSpan]) -> bool:
+        names = {s.name for s in spans if s.trace_id == failed_trace}
+        return {"POST /{vendor}/{path:path}", "ledger.request Reserve"} <= names
+
+    spans = await asyncio.to_thread(receiver.wait_for, failure_traced)
+    server = one(spans, trace_id=failed_trace, name="POST /{vendor}/{path:path}")
+    client = one(spans, trace_id=failed_trace, name="ledger.request Reserve")
+    assert server.error
+    assert client.error
+    assert (server.attributes["spendgate.decision"], server.attributes["spendgate.reason"]) == (
+        "error",
+        "ledger_unavailable",
+    )
+    assert server.attributes["http.response.status_code"] == 503
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
