@@ -547,7 +547,7 @@ async def test_restart_rebuilds_state_from_the_log(
         assert (denied.committed_micros, denied.reserved_micros) == (500_000, 300_000)
         # Idempotency survives the restart: the same key yields the same grant.
         replay = granted(await client.one(reserve(key, 500_000, idempotency_key="a")))
-        assert replay == msgspec.structs.replace(spent, replayed=True)
+        assert replay == msgspec.structs.replace(spent, replayed=True, settled=True)
         # The open hold survived too, and can be settled.
         assert await client.one(commit(key, held.reservation_id, 200_000)) == Settled(
             held.reservation_id, 200_000, 100_000
