@@ -37,6 +37,14 @@ class WorkerProtocol(Generic[JobT, ResultT]):
     stop: bytes
 
 
+def serve_jobs(connection: Connection, stop: bytes, handle: Callable[[bytes], bytes]) -> None:
+    """The loop of a worker process (call it from ``WorkerProtocol.main``): answer every
+    job with ``handle(job)`` until the ``stop`` message arrives."""
+    while (job := connection.recv_bytes()) != stop:
+        connection.send_bytes(handle(job))
+    connection.close()
+
+
 @dataclass(slots=True)
 class _Worker:
     process: BaseProcess

@@ -17,7 +17,12 @@ from bench.gateway._stack import GatewayStack
 from bench.ledger import _common
 from bench.ledger import _load as _ledger_load
 from bench.ledger._cluster import POSTGRES_SETTINGS
-from bench.ledger._common import env_pair, positive_ints, progress, setting_pair
+from bench.ledger._common import (
+    add_cluster_arguments,
+    positive_ints,
+    progress,
+    setting_pair,
+)
 
 # Defaults of a full run and of --quick (a smoke run of a few seconds); options given on
 # the command line win over both.
@@ -53,15 +58,21 @@ one gateway holds with an added p99 <= --search-p99-ms.
 It starts its own embedded NATS, durable Postgres, one ledger process, the upstream, the
 gateway, and --clients load-generator processes. Prints a table; writes
 bench/results/gateway-<timestamp>.json and gateway-latest.json. Progress goes to stderr.
-A full run takes about five minutes; --quick takes a few seconds (a smoke test).
+A full run takes about seven minutes; --quick about ten seconds (a smoke test).
 """
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every option's default (where it has one)."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.gateway",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
+        # Options whose default depends on --quick are filled in after parsing.
+        argument_default=argparse.SUPPRESS,
     )
     parser.add_argument(
         "--rates",
@@ -110,6 +121,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
+        default=False,
         help="smoke run: one rate (200/s), 1 s windows, one hot key, no search",
     )
     parser.add_argument(
@@ -123,26 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             " SPENDGATE_GATEWAY_LEDGER_INFLIGHT_MAX=8 or OTEL_SDK_DISABLED=true"
         ),
     )
-    parser.add_argument(
-        "--ledger-env",
-        type=env_pair,
-        action="append",
-        default=[],
-        metavar="SPENDGATE_NAME=value",
-        help="extra ledger setting (repeatable)",
-    )
-    parser.add_argument(
-        "--postgres-setting",
-        type=setting_pair,
-        action="append",
-        default=[],
-        metavar="name=value",
-        help="Postgres setting (repeatable) on top of the ledger benchmark's (durable) defaults",
-    )
-    parser.add_argument("--partitions", type=int, default=64, help="ledger partition count")
-    parser.add_argument(
-        "--clients", type=int, default=1, help="load-generator processes (the rate is shared)"
-    )
+    add_cluster_arguments(parser, replicas=False)
     parser.add_argument(
         "--connections-max",
         type=int,
@@ -155,10 +148,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds between runs, before waiting for the gateway to be idle (default: 0.5)",
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--keep-data", action="store_true", help="keep /tmp/spendgate-bench-*")
+    parser.add_argument(
+        "--keep-data", action="store_true", default=False, help="keep /tmp/spendgate-bench-*"
+    )
     args = parser.parse_args(argv)
     for name, value in (QUICK_DEFAULTS if args.quick else FULL_DEFAULTS).items():
-        if getattr(args, name) is None:
+        if not hasattr(args, name):
             setattr(args, name, value)
     if args.duration <= 0 or args.warmup < 0 or args.clients <= 0 or args.connections_max <= 0:
         parser.error("--duration, --clients, --connections-max must be positive, --warmup >= 0")
@@ -219,6 +214,7 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
         warmup_s=args.warmup,
         pause_s=args.pause,
         connections_max=args.connections_max,
+        ledger_inflight_max=args.client_inflight,
         added_p99_ms_max=args.search_p99_ms,
         ledger_runs=args.ledger_runs,
         search_steps_max=args.search_steps,
@@ -239,6 +235,7 @@ def _settings_record(args: argparse.Namespace, postgres: dict[str, str]) -> dict
         "search_steps_max": args.search_steps,
         "search_rate_max_per_s": args.search_rate_max,
         "clients": args.clients,
+        "client_inflight_per_partition": args.client_inflight,
         "connections_max_per_client": args.connections_max,
         "partition_count": args.partitions,
         "gateway_env": dict(args.gateway_env),

@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 import msgspec
 
 from bench._open_loop import Window, open_loop
-from bench._workers import WorkerProtocol
+from bench._workers import WorkerProtocol, serve_jobs
 
 # Longest wait for one answer (a connection that stays silent this long is dropped).
 CALL_TIMEOUT = timedelta(seconds=30)
@@ -99,19 +99,22 @@ def decode_result(data: bytes) -> CallsResult:
     return _result_decoder.decode(data)
 
 
+_STOP = encode(StopJob())
+
+
+def _handle(data: bytes) -> bytes:
+    job = _job_decoder.decode(data)
+    assert isinstance(job, CallsJob), "serve_jobs() handles the stop message"
+    return encode(asyncio.run(_run_calls(job)))
+
+
 def worker_main(connection: Connection) -> None:
     """Entry point of a worker process: run jobs until a :class:`StopJob` arrives."""
-    while True:
-        job = _job_decoder.decode(connection.recv_bytes())
-        if isinstance(job, StopJob):
-            connection.close()
-            return
-        result = asyncio.run(_run_calls(job))
-        connection.send_bytes(encode(result))
+    serve_jobs(connection, _STOP, _handle)
 
 
 WORKER_PROTOCOL: WorkerProtocol[AnyJob, CallsResult] = WorkerProtocol(
-    main=worker_main, encode_job=encode, decode_result=decode_result, stop=encode(StopJob())
+    main=worker_main, encode_job=encode, decode_result=decode_result, stop=_STOP
 )
 
 

@@ -245,6 +245,10 @@ class Report(msgspec.Struct, frozen=True):
     checks: dict[str, object]
 
 
+def _cores(cores: dict[str, float]) -> str:
+    return "  ".join(f"{name} {share:.2f}" for name, share in cores.items())
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
@@ -298,15 +302,13 @@ def table(report: Report) -> str:
         )
     lines.append("cores used during each run ('other': anything else on the machine):")
     for run in report.runs:
-        used = "  ".join(f"{name} {share:.2f}" for name, share in run.cores.items())
         keys = "" if run.keys is None else f" {run.keys} keys"
-        lines.append(f"  {run.target:>7} {run.rate_per_s:>7,.0f}/s{keys}: {used}")
+        lines.append(f"  {run.target:>7} {run.rate_per_s:>7,.0f}/s{keys}: {_cores(run.cores)}")
     for ledger_run in report.ledger_runs:
         measurement = ledger_run.measurement
-        used = "  ".join(f"{name} {share:.2f}" for name, share in measurement.cores.items())
         lines.append(
             f"   ledger {measurement.target_rate_per_s or 0:>7,.0f}/s {ledger_run.keys} keys:"
-            f" {used}"
+            f" {_cores(measurement.cores)}"
         )
     return "\n".join(lines)
 

@@ -54,9 +54,9 @@ CALL_HEADERS = {
     "stripe-version": "2024-06-20",
     "accept": "*/*",
 }
-# The gateway's default of SPENDGATE_GATEWAY_LEDGER_INFLIGHT_MAX (the ledger-only runs
-# use the gateway's value, so that they coalesce commands as it does).
-GATEWAY_LEDGER_INFLIGHT_DEFAULT = 4
+# The gateway's setting of NATS requests in flight per partition: the ledger-only runs
+# use the gateway's value (else --client-inflight), so that they coalesce as it does.
+GATEWAY_LEDGER_INFLIGHT_SETTING = "SPENDGATE_GATEWAY_LEDGER_INFLIGHT_MAX"
 # The search: grow by this factor until a rate does not hold, then bisect until the held
 # and the failed rate are within this ratio; rates are rounded to this step.
 SEARCH_GROWTH = 1.5
@@ -73,6 +73,7 @@ class RunSettings:
     warmup_s: float
     pause_s: float
     connections_max: int
+    ledger_inflight_max: int
     added_p99_ms_max: float
     ledger_runs: bool
     search_steps_max: int
@@ -190,7 +191,7 @@ class Runner:
         """Reserve + commit pairs at ``rate_per_s`` on the first ``keys`` keys, straight to
         the ledger with the gateway's client (its reserve latency, from the scheduled time)."""
         window = self._window()
-        inflight = self.stack.gateway_env.get("SPENDGATE_GATEWAY_LEDGER_INFLIGHT_MAX")
+        inflight = self.stack.gateway_env.get(GATEWAY_LEDGER_INFLIGHT_SETTING)
         job = LedgerOpenJob(
             nats_url=self.stack.cluster.nats_server.url,
             partition_count=self.stack.cluster.partition_count,
@@ -198,7 +199,7 @@ class Runner:
             rate_per_s=rate_per_s,
             outstanding_max=OUTSTANDING_MAX,
             amount_micros=CALL_AMOUNT_MICROS,
-            inflight_max=int(inflight) if inflight else GATEWAY_LEDGER_INFLIGHT_DEFAULT,
+            inflight_max=int(inflight) if inflight else self.settings.ledger_inflight_max,
             window=window,
         )
         results, cores = self._measure(self.pairs, [job], window)

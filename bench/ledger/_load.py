@@ -28,7 +28,7 @@ from nats.aio.client import Client as NatsClient
 
 from bench._open_loop import Window as Window
 from bench._open_loop import open_loop, sleep_until
-from bench._workers import WorkerProtocol
+from bench._workers import WorkerProtocol, serve_jobs
 from spendgate_common.errors import LedgerUnavailableError
 from spendgate_common.ledger_v1 import Commit, Granted, Reserve
 from spendgate_gateway._ledger_client import LedgerClient
@@ -149,20 +149,23 @@ def decode_result(data: bytes) -> JobResult:
     return _result_decoder.decode(data)
 
 
+_STOP = encode(StopJob())
+
+
+def _handle(data: bytes) -> bytes:
+    job = _job_decoder.decode(data)
+    assert not isinstance(job, StopJob), "serve_jobs() handles the stop message"
+    return encode(asyncio.run(_run(job)))
+
+
 def worker_main(connection: Connection) -> None:
     """Entry point of a worker process: run jobs until a :class:`StopJob` arrives."""
-    while True:
-        job = _job_decoder.decode(connection.recv_bytes())
-        if isinstance(job, StopJob):
-            connection.close()
-            return
-        result = asyncio.run(_run(job))
-        connection.send_bytes(encode(result))
+    serve_jobs(connection, _STOP, _handle)
 
 
 # How the orchestrators drive these workers (bench._workers.WorkerPool).
 WORKER_PROTOCOL: WorkerProtocol[AnyJob, JobResult] = WorkerProtocol(
-    main=worker_main, encode_job=encode, decode_result=decode_result, stop=encode(StopJob())
+    main=worker_main, encode_job=encode, decode_result=decode_result, stop=_STOP
 )
 
 
