@@ -906,7 +906,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if idempotency_key is not None and (key_id, idempotency_key) in self.remembered:
             seen_request, seen_result = self.remembered[(key_id, idempotency_key)]
             if seen_request == request:
-                assert result == _as_replayed(seen_result)
+                assert result == self._as_replayed(seen_result)
             else:
                 failed(result, "idempotency_conflict")
             assert self.ledger.state.last_seq == seq - 1
@@ -967,6 +967,14 @@ class LedgerMachine(RuleBasedStateMachine):
             self.settled[rid] = key_id
             self.settled_at[rid] = self.now_ms
         key.reserved -= amount
+
+    def _as_replayed(self, result: Granted | Denied) -> Granted | Denied:
+        """The original answer, flagged as a replay (a grant also says whether its hold
+        is settled: the model's open holds are the ones not settled)."""
+        if isinstance(result, Granted):
+            settled = result.reservation_id not in self.holds
+            return msgspec.structs.replace(result, replayed=True, settled=settled)
+        return msgspec.structs.replace(result, replayed=True)
 
     @precondition(lambda self: bool(self.holds))
     @rule(data=st.data(), percent=st.integers(min_value=0, max_value=100))
@@ -1032,10 +1040,6 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         assert self.ledger.rebuilt() == self.ledger.state
-
-
-def _as_replayed(result: Granted | Denied) -> Granted | Denied:
-    return msgspec.structs.replace(result, replayed=True)
 
 
 LedgerMachine.TestCase.settings = settings(
