@@ -32,6 +32,10 @@ DRAIN_DEADLINE = timedelta(seconds=10)
 CONNECT_TIMEOUT = timedelta(seconds=5)
 # Largest answer head we read (the gateway's and the upstream's are a few hundred bytes).
 RESPONSE_HEAD_BYTES_MAX = 65_536
+# A connection idle this long is closed rather than reused: uvicorn closes idle keep-alive
+# connections after 5 s, and a request sent just as it does would fail (as httpx's
+# keepalive_expiry avoids it).
+IDLE_EXPIRY = timedelta(seconds=4)
 
 
 class CallsJob(msgspec.Struct, frozen=True, tag="calls"):
@@ -130,11 +134,12 @@ def request_bytes(host: str, port: int, path: str, headers: dict[str, str], body
 
 
 class _Connection:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.idle_since = time.monotonic()
 
     async def exchange(self, request: bytes) -> tuple[int, float]:
         """Send ``request``, read the whole answer; its status and when it was written."""
@@ -156,7 +161,9 @@ class _Connection:
 
     @property
     def usable(self) -> bool:
-        """False once the server closed the connection (or we began to)."""
+        """False once the server closed the connection (or we began to), or soon will."""
+        if time.monotonic() - self.idle_since > IDLE_EXPIRY.total_seconds():
+            return False
         return not (self.reader.at_eof() or self.writer.is_closing())
 
     def close(self) -> None:
@@ -200,7 +207,7 @@ class _Pool:
             connection = self._idle.pop()
             if connection.usable:
                 return connection
-            # The server closed it while it was idle (uvicorn's keep-alive timeout is 5 s).
+            # Idle too long: the server closed it or is about to (IDLE_EXPIRY).
             self._forget(connection)
         if self.opened < self._connections_max:
             return await self._open()
@@ -209,6 +216,7 @@ class _Pool:
         return await waiter
 
     def release(self, connection: _Connection) -> None:
+        connection.idle_since = time.monotonic()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
