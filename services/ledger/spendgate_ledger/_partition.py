@@ -6,12 +6,6 @@ decides and applies them one after another in memory, appends all their events i
 fenced transaction, and only then publishes the replies. If the append fails, nobody has
 seen the batch's results: every caller gets an error and the in-memory state is rebuilt
 from the log, which is the truth.
-
-The loop is pipelined one batch deep: while a batch's append is in flight, requests that
-arrive are decided into the next batch (on top of the first one's effects, which are
-already in memory), so deciding overlaps the database round trip. Appends stay one at a
-time and in order; the next batch's replies wait for its own append, and if the first
-append fails the second batch fails with it (nobody has seen either).
 """
 
 from __future__ import annotations
@@ -21,7 +15,7 @@ import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import msgspec
@@ -34,7 +28,7 @@ from spendgate_ledger._snapshot import SnapshotChildError, decode_snapshot, fork
 from spendgate_ledger._snapshot_store import SnapshotStore
 from spendgate_ledger._state import PartitionState, Sweep
 from spendgate_ledger._store import EventRow, Lease, LedgerStore
-from spendgate_ledger._telemetry import BatchTrace, LedgerTelemetry, RequestTrace
+from spendgate_ledger._telemetry import LedgerTelemetry, RequestTrace
 
 _log = logging.getLogger(__name__)
 
@@ -154,39 +148,6 @@ def fit_results(results: list[AnyResult], bytes_max: int) -> list[AnyResult]:
     return fitted
 
 
-_NOT_OWNER = Failed("not_owner", "this ledger replica cannot confirm it owns the partition")
-
-
-@dataclass(slots=True, eq=False)
-class _Batch:
-    """Requests decided together, appended in one transaction, answered together."""
-
-    first_seq: int
-    traced: bool
-    requests: list[PendingRequest] = field(default_factory=list)
-    commands: int = 0
-    rows: list[EventRow] = field(default_factory=list)
-    replies: list[list[AnyResult]] = field(default_factory=list)
-    # With tracing: the number of events after each command (which command produced
-    # which event, so that each event carries its command's trace context).
-    ends: list[int] | None = None
-    now_ms: int = 0
-    stale: bool = False
-    trace: BatchTrace | None = None
-    append: asyncio.Task[Failed | None] | None = None
-    append_started_ns: int = 0
-
-    def __post_init__(self) -> None:
-        if self.traced:
-            self.ends = []
-
-    def append_done(self) -> bool:
-        return self.append is None or self.append.done()
-
-    async def wait_appended(self) -> Failed | None:
-        return None if self.append is None else await self.append
-
-
 class PartitionWorker:
     def __init__(
         self,
@@ -220,12 +181,7 @@ class PartitionWorker:
         self._snapshot_task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=queue_requests_max)
         self.fenced = False
-        self._busy_batches = 0
-        self._tracing = telemetry is not None and telemetry.tracing
-        # Set when a request is queued or an append ends: what the loop waits for.
-        self._wakeup = asyncio.Event()
-        # A snapshot is due when the in-flight batch commits: nothing is decided on top.
-        self._snapshot_pending = False
+        self.busy = False
 
     @property
     def partition(self) -> int:
@@ -237,7 +193,6 @@ class PartitionWorker:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
             return False
-        self._wakeup.set()
         return True
 
     def queued(self) -> int:
@@ -255,143 +210,80 @@ class PartitionWorker:
                 self.submit(PendingRequest([Sweep()], ""))
 
     async def run(self) -> None:
-        """Process batches until fenced (or cancelled by the service on shutdown).
-
-        Pipelined: while one batch's append is in flight, the requests that arrive are
-        decided (on top of that batch's uncommitted state) into the next batch, whose
-        append starts the moment the first one committed. Replies still leave only after
-        their own batch and every batch before it are durable; if an append fails, the
-        batch decided on top of it fails with it (see :meth:`_finish`).
-        """
-        in_flight: _Batch | None = None
-        current = self._new_batch()
+        """Process batches until fenced (or cancelled by the service on shutdown)."""
         while not self.fenced:
-            self._decide_waiting(current, speculative=in_flight is not None)
-            if in_flight is not None and in_flight.append_done():
-                if not await self._finish(in_flight, current):
-                    current = self._new_batch()
-                in_flight = None
-                continue
-            if in_flight is not None:
-                if current.commands >= self._batch_commands_max or self._snapshot_due(in_flight):
-                    await in_flight.wait_appended()
-                else:
-                    await self._wait_for_work(in_flight)
-                continue
-            if not current.requests:
-                await self._wait_for_work(None)
-                continue
-            in_flight = self._start_append(current)
-            current = self._new_batch()
-        if in_flight is not None:
-            await self._finish(in_flight, current)
+            batch = [await self._queue.get()]
+            commands = len(batch[0].commands)
+            while commands < self._batch_commands_max and not self._queue.empty():
+                request = self._queue.get_nowait()
+                batch.append(request)
+                commands += len(request.commands)
+            await self._process(batch)
 
-    @property
-    def busy(self) -> bool:
-        """Whether a batch is being decided or appended (shutdown waits for it)."""
-        return self._busy_batches > 0
+    async def drain(self) -> None:
+        """Process what is already queued (used on graceful shutdown)."""
+        while not self._queue.empty() and not self.fenced:
+            await self._process([self._queue.get_nowait()])
 
-    def _new_batch(self) -> _Batch:
-        return _Batch(first_seq=self.state.last_seq + 1, traced=self._tracing)
+    async def _process(self, batch: list[PendingRequest]) -> None:
+        self.busy = True
+        try:
+            await self._process_batch(batch)
+        finally:
+            self.busy = False
 
-    def _decide_waiting(self, batch: _Batch, *, speculative: bool) -> None:
-        """Decide every queued request into ``batch`` (up to its command limit)."""
-        if speculative and self._snapshot_pending:
-            return  # a snapshot needs the state to equal the log: let the append land first
-        limit = self._batch_commands_max
-        while batch.commands < limit and not self._queue.empty():
-            request = self._queue.get_nowait()
-            if not batch.requests:
-                self._busy_batches += 1
-                batch.first_seq = self.state.last_seq + 1
-                # Our lease may have passed to another replica: even an answer that writes
-                # nothing (a query, an idempotent replay) could be stale.
-                batch.stale = not self._lease_fresh()
-                batch.now_ms = time.time_ns() // 1_000_000
-            batch.requests.append(request)
-            batch.commands += len(request.commands)
-            if batch.stale:
-                batch.replies.append([_NOT_OWNER] * len(request.commands))
-                continue
+    async def _process_batch(self, batch: list[PendingRequest]) -> None:
+        if not self._lease_fresh():
+            # Our lease may have passed to another replica: even an answer that writes
+            # nothing (a query, an idempotent replay) could be stale. Let the caller retry.
+            stale = Failed("not_owner", "this ledger replica cannot confirm it owns the partition")
+            await self._reply_all(batch, [[stale] * len(r.commands) for r in batch])
+            return
+        now_ms = time.time_ns() // 1_000_000
+        first_seq = self.state.last_seq + 1
+        rows: list[EventRow] = []
+        replies: list[list[AnyResult]] = []
+        telemetry = self._telemetry
+        traced = None
+        if telemetry is not None and telemetry.tracing:
+            traces = [request.trace for request in batch]
+            traced = telemetry.begin_batch(
+                self.partition, traces, [len(request.commands) for request in batch]
+            )
+        # With a traced batch: the number of events after each command (which command
+        # produced which event, so that each event carries its command's trace context).
+        ends: list[int] | None = None if traced is None else []
+        for request in batch:
             results: list[AnyResult] = []
             for command in request.commands:
-                decision = self.state.decide(command, batch.now_ms)
+                decision = self.state.decide(command, now_ms)
                 for event in decision.events:
                     seq = self.state.last_seq + 1
                     self.state.apply(seq, event)
-                    batch.rows.append(EventRow(seq, event_type(event), encode_event(event)))
+                    rows.append(EventRow(seq, event_type(event), encode_event(event)))
                 results.append(decision.result)
-                if batch.ends is not None:
-                    batch.ends.append(len(batch.rows))
-            batch.replies.append(results)
-
-    def _start_append(self, batch: _Batch) -> _Batch:
-        telemetry = self._telemetry
-        if telemetry is not None and telemetry.tracing:
-            batch.trace = telemetry.begin_batch(
-                self.partition,
-                [request.trace for request in batch.requests],
-                [len(request.commands) for request in batch.requests],
-            )
-        batch.append_started_ns = time.time_ns()
-        if batch.rows:
-            batch.append = asyncio.create_task(self._append(batch.first_seq, batch.rows))
-            batch.append.add_done_callback(self._wake)
-        return batch
-
-    async def _wait_for_work(self, in_flight: _Batch | None) -> None:
-        """Until a request is queued or the in-flight append has ended."""
-        self._wakeup.clear()
-        if not self._queue.empty() or (in_flight is not None and in_flight.append_done()):
-            return
-        await self._wakeup.wait()
-
-    def _wake(self, _: object = None) -> None:
-        self._wakeup.set()
-
-    def _snapshot_due(self, in_flight: _Batch) -> bool:
-        """A snapshot is due once ``in_flight`` commits: decide nothing on top of it."""
-        last_seq = in_flight.first_seq + len(in_flight.rows) - 1
-        writing = self._snapshot_task is not None and not self._snapshot_task.done()
-        due = not writing and last_seq - self._snapshot_seq >= self._loader.snapshot_every_events
-        self._snapshot_pending = due
-        return due
-
-    async def _finish(self, batch: _Batch, on_top: _Batch | None) -> bool:
-        """Wait for ``batch``'s append, reply to it; False when the append failed, after
-        failing ``on_top`` (decided on top of ``batch``) too and rebuilding the state."""
-        failure = await batch.wait_appended()
-        append_ns = (batch.append_started_ns, time.time_ns())
-        replies = batch.replies
+                if ends is not None:
+                    ends.append(len(rows))
+            replies.append(results)
+        append_started_ns = time.time_ns()
+        failure = await self._append(first_seq, rows) if rows else None
+        append_ns = (append_started_ns, time.time_ns())
         if failure is not None:
-            replies = [[failure] * len(request.commands) for request in batch.requests]
-        elif batch.rows:
+            replies = [[failure] * len(request.commands) for request in batch]
+        elif rows:
             traceparents = None
-            if batch.trace is not None and batch.ends is not None:
-                traceparents = batch.trace.event_traceparents(batch.rows, batch.ends)
-            self._relay.committed(batch.rows, batch.rows[-1].seq, traceparents)
-            self._maybe_snapshot(on_top)
-        await self._reply_all(batch.requests, replies)
-        if batch.requests:
-            self._busy_batches -= 1
-        telemetry = self._telemetry
-        if telemetry is not None and batch.requests:
-            commands = [request.commands for request in batch.requests]
-            telemetry.end_batch(batch.trace, commands, replies, batch.rows, append_ns, failure)
-        if failure is None:
-            return True
-        if on_top is not None and on_top.requests:
-            # Decided on a state that includes the failed batch: nobody has seen it.
-            failed: list[list[AnyResult]] = [
-                [failure] * len(request.commands) for request in on_top.requests
-            ]
-            await self._reply_all(on_top.requests, failed)
-            self._busy_batches -= 1
-        if failure.code == "store_unavailable":
+            if traced is not None and ends is not None:
+                traceparents = traced.event_traceparents(rows, ends)
+            self._relay.committed(rows, rows[-1].seq, traceparents)
+            self._maybe_snapshot()
+        await self._reply_all(batch, replies)
+        if telemetry is not None:
+            commands = [request.commands for request in batch]
+            telemetry.end_batch(traced, commands, replies, rows, append_ns, failure)
+        if failure is not None and failure.code == "store_unavailable":
             # After the replies, so callers hear at once; the append may or may not have
             # landed, so the in-memory state is rebuilt from the log before the next batch.
             await self._reload()
-        return False
 
     async def _reply_all(self, batch: list[PendingRequest], replies: list[list[AnyResult]]) -> None:
         for request, results in zip(batch, replies, strict=True):
@@ -401,16 +293,11 @@ class PartitionWorker:
                     body = encode_batch(ResultBatch(fit_results(results, self._reply_bytes_max)))
                 await self._reply(request.reply_subject, body)
 
-    def _maybe_snapshot(self, on_top: _Batch | None) -> None:
-        """Every ``snapshot_every_events`` events, snapshot the state and write it in the
-        background, one at a time. Only when nothing is decided on top of the batch that
-        just committed: then the state equals the log (:meth:`_decide_waiting` holds
-        back while a snapshot is due, so this happens at the next commit at the latest)."""
-        if on_top is not None and on_top.rows:
-            return
+    def _maybe_snapshot(self) -> None:
+        """Every ``snapshot_every_events`` events, snapshot the state (it equals the log
+        now: the batch just committed) and write it in the background, one at a time."""
         if self.state.last_seq - self._snapshot_seq < self._loader.snapshot_every_events:
             return
-        self._snapshot_pending = False
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return
         seq = self._snapshot_seq = self.state.last_seq
