@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 from fastapi import FastAPI
@@ -39,7 +40,11 @@ def _upstream_client(
 ) -> httpx.AsyncClient:
     limits = httpx.Limits(
         max_connections=settings.upstream_connections_max,
-        max_keepalive_connections=settings.upstream_connections_max,
+        # httpcore looks at every idle pooled connection on each request: a pool larger
+        # than the steady concurrency costs CPU per call and grows under overload.
+        max_keepalive_connections=min(
+            settings.upstream_connections_max, settings.upstream_keepalive_max
+        ),
     )
     transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     return httpx.AsyncClient(
@@ -55,7 +60,14 @@ def _upstream_client(
         # Redirects from a payment API are not ours to follow with the real key.
         follow_redirects=False,
         trust_env=False,
+        # One client serves every tenant: a cookie a vendor sets for one caller must never
+        # be sent on another's call, so none is kept.
+        cookies=_no_cookies(),
     )
+
+
+def _no_cookies() -> CookieJar:
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) -> FastAPI:

@@ -43,6 +43,8 @@ class GatewaySettings:
     upstream_connect_timeout: timedelta
     upstream_read_timeout: timedelta
     upstream_connections_max: int
+    # Idle upstream connections kept per vendor (at most upstream_connections_max).
+    upstream_keepalive_max: int
     shutdown_deadline: timedelta
     # Twilio's account SID and call limit (vendors/twilio.py).
     twilio: TwilioSettings = TWILIO_DEFAULTS
@@ -94,6 +96,9 @@ class GatewaySettings:
             ),
             upstream_connections_max=env.integer(
                 "SPENDGATE_UPSTREAM_CONNECTIONS_MAX", 100, minimum=1, maximum=10_000
+            ),
+            upstream_keepalive_max=env.integer(
+                "SPENDGATE_UPSTREAM_KEEPALIVE_MAX", 20, minimum=0, maximum=10_000
             ),
             shutdown_deadline=env.seconds(
                 "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
