@@ -22,6 +22,7 @@ from spendgate_gateway._audit_api import audit_router
 from spendgate_gateway._contracts_api import ContractsApi, contracts_router
 from spendgate_gateway._control import ControlPlane
 from spendgate_gateway._failures import exception_status_code_message
+from spendgate_gateway._fast_path import PROXY_METHODS, PROXY_ROUTE, ProxyFastPath
 from spendgate_gateway._ledger_client import LedgerClient
 from spendgate_gateway._proxy import Proxy
 from spendgate_gateway._reservations import DirectReservations
@@ -32,7 +33,6 @@ from spendgate_gateway._telemetry import GatewayTelemetry, ServerSpans
 _log = logging.getLogger(__name__)
 
 NATS_CONNECT_DEADLINE = timedelta(seconds=30)
-PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 def _upstream_client(
@@ -152,13 +152,20 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) ->
     app.include_router(audit_router(settings, holder))
     app.include_router(contracts_router(holder))
 
-    @app.api_route("/{vendor}/{path:path}", methods=PROXY_METHODS, tags=["proxy"])
+    @app.api_route(PROXY_ROUTE, methods=list(PROXY_METHODS), tags=["proxy"])
     async def proxy_call(request: Request, vendor: str, path: str) -> Response:
         """Proxy a vendor call: estimate, reserve, forward only after a grant, settle."""
         proxy = holder["proxy"]
         assert isinstance(proxy, Proxy)
         return await proxy.handle(request)
 
+    def running_proxy() -> Proxy | None:
+        proxy = holder.get("proxy")
+        return proxy if isinstance(proxy, Proxy) else None
+
+    proxy_route = next(r for r in app.routes if getattr(r, "path", "") == PROXY_ROUTE)
+    app.add_middleware(ProxyFastPath, proxy=running_proxy, route=proxy_route)
     if observed.tracer is not None:
+        # Added last, so it is outside the fast path: proxy calls get their server span.
         app.add_middleware(ServerSpans, tracer=observed.tracer)
     return app
