@@ -96,6 +96,17 @@ def service_main(name: str, build: Callable[[Env, Telemetry], Service]) -> None:
     except ConfigurationError as error:
         sys.exit(f"spendgate {name}: configuration error: {error}")
     try:
-        asyncio.run(run_until_signalled(service.start, service.stop))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(run_until_signalled(service.start, service.stop))
     finally:
         telemetry.shutdown(TELEMETRY_FLUSH_DEADLINE)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (Linux and macOS): the services spend
+    much of their time in the loop's socket and timer handling, which it does in C."""
+    try:
+        import uvloop  # optional: not on Windows
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -50,6 +50,11 @@ _log = logging.getLogger(__name__)
 PUBLISH_ACK_TIMEOUT = timedelta(seconds=5)
 # Pause after a failed publish or watermark write before trying again.
 RETRY_PAUSE = timedelta(milliseconds=500)
+# The published watermark is written to Postgres at most this often (and once the relay
+# has been caught up that long), not after every window: at low load that was a second
+# transaction per batch. After a crash the next owner republishes at most this much
+# more, which JetStream drops by message id (its duplicate window is minutes).
+WATERMARK_PERSIST_INTERVAL = timedelta(milliseconds=200)
 
 
 class PublishRefusedError(NatsError):
@@ -76,6 +81,9 @@ class EventRelay:
         self._store = store
         self.published_seq = published_seq
         self.committed_seq = published_seq
+        # What outbox_watermarks holds, and when it was last written (loop time).
+        self._persisted_seq = published_seq
+        self._persisted_at = 0.0
         self._inflight_max = inflight_max
         self._buffer_events_max = buffer_events_max
         self._buffer: deque[EventRow] = deque()
@@ -126,6 +134,10 @@ class EventRelay:
             await asyncio.wait_for(self._idle.wait(), deadline.total_seconds())
         except TimeoutError:
             return False
+        # Handing over: let the next owner start where we stopped (a failure here only
+        # costs it a few duplicates, which JetStream drops).
+        with contextlib.suppress(StoreUnavailableError, OSError):
+            await self._persist_watermark(due_only=False)
         return True
 
     async def run(self) -> None:
@@ -138,12 +150,21 @@ class EventRelay:
                 await subscription.unsubscribe()
 
     async def _run(self) -> None:
+        interval_s = WATERMARK_PERSIST_INTERVAL.total_seconds()
         while True:
-            await self._wake.wait()
+            if self._persisted_seq < self.published_seq:
+                # Wake up at the latest when the watermark is due to be written.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval_s):
+                        await self._wake.wait()
+            else:
+                await self._wake.wait()
             self._wake.clear()
-            while self.published_seq < self.committed_seq:
+            while True:
                 try:
-                    await self._publish_next_window()
+                    if self.published_seq < self.committed_seq:
+                        await self._publish_next_window()
+                    await self._persist_watermark(due_only=True)
                 except (NatsError, TimeoutError, StoreUnavailableError, OSError) as error:
                     _log.warning(
                         "partition %d: publishing events failed (%s), retrying",
@@ -151,7 +172,20 @@ class EventRelay:
                         error,
                     )
                     await asyncio.sleep(RETRY_PAUSE.total_seconds())
+                    continue
+                if self.published_seq >= self.committed_seq:
+                    break
             self._idle.set()
+
+    async def _persist_watermark(self, *, due_only: bool) -> None:
+        if self._persisted_seq >= self.published_seq:
+            return
+        now = asyncio.get_running_loop().time()
+        if due_only and now - self._persisted_at < WATERMARK_PERSIST_INTERVAL.total_seconds():
+            return
+        seq = self.published_seq
+        await self._store.set_published_seq(self.partition, seq)
+        self._persisted_seq, self._persisted_at = seq, now
 
     async def _next_window(self) -> list[EventRow]:
         while self._buffer and self._buffer[0].seq <= self.published_seq:
@@ -174,7 +208,6 @@ class EventRelay:
         if not window:
             return
         await self._publish(window)
-        await self._store.set_published_seq(self.partition, window[-1].seq)
         self.published_seq = window[-1].seq
         if self._traceparents:
             for row in window:
