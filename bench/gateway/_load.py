@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 import msgspec
 
 from bench._open_loop import Window, open_loop
-from bench._workers import WorkerProtocol, serve_jobs
+from bench._workers import WorkerProtocol, run_job, serve_jobs
 
 # Longest wait for one answer (a connection that stays silent this long is dropped).
 CALL_TIMEOUT = timedelta(seconds=30)
@@ -109,7 +109,7 @@ _STOP = encode(StopJob())
 def _handle(data: bytes) -> bytes:
     job = _job_decoder.decode(data)
     assert isinstance(job, CallsJob), "serve_jobs() handles the stop message"
-    return encode(asyncio.run(_run_calls(job)))
+    return encode(run_job(_run_calls(job)))
 
 
 def worker_main(connection: Connection) -> None:

@@ -28,7 +28,7 @@ from nats.aio.client import Client as NatsClient
 
 from bench._open_loop import Window as Window
 from bench._open_loop import open_loop, sleep_until
-from bench._workers import WorkerProtocol, serve_jobs
+from bench._workers import WorkerProtocol, run_job, serve_jobs
 from spendgate_common.errors import LedgerUnavailableError
 from spendgate_common.ledger_v1 import Commit, Granted, Reserve
 from spendgate_gateway._ledger_client import LedgerClient
@@ -155,7 +155,7 @@ _STOP = encode(StopJob())
 def _handle(data: bytes) -> bytes:
     job = _job_decoder.decode(data)
     assert not isinstance(job, StopJob), "serve_jobs() handles the stop message"
-    return encode(asyncio.run(_run(job)))
+    return encode(run_job(_run(job)))
 
 
 def worker_main(connection: Connection) -> None:
