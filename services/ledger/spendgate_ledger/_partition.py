@@ -294,9 +294,18 @@ class PartitionWorker:
                 await self._reply(request.reply_subject, body)
 
     def _maybe_snapshot(self) -> None:
-        """Every ``snapshot_every_events`` events, snapshot the state (it equals the log
-        now: the batch just committed) and write it in the background, one at a time."""
-        if self.state.last_seq - self._snapshot_seq < self._loader.snapshot_every_events:
+        """Snapshot the state (it equals the log now: the batch just committed) and write
+        it in the background, one at a time, every ``snapshot_every_events`` events, or
+        every half as many events as the state holds records when that is more.
+
+        Encoding costs time in proportion to the state, so a fixed interval made a large
+        state (a million settled ids kept for an hour) re-encode itself every few seconds
+        under load: a core's worth of snapshot children competing with the loop. With the
+        interval at least half the state's size, the cost per event stays bounded (two
+        records encoded per event), and recovery (decode the snapshot, replay the tail)
+        stays proportional to the state's size."""
+        interval = max(self._loader.snapshot_every_events, self.state.entries() // 2)
+        if self.state.last_seq - self._snapshot_seq < interval:
             return
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return

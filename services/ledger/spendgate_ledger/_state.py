@@ -301,6 +301,17 @@ class PartitionState:
     # The read-only queries' sorted indexes (spendgate_ledger._queries), built on first use.
     query_indexes: object = field(default=None, compare=False, repr=False)
 
+    def entries(self) -> int:
+        """How many records the state holds (what a snapshot's size grows with)."""
+        return (
+            len(self.keys)
+            + len(self.budgets)
+            + len(self.holds)
+            + len(self.settled)
+            + len(self.idempotency)
+            + len(self.approvals)
+        )
+
     # ----------------------------------------------------------------- decisions (pure)
 
     def decide(self, command: AnyCommand | Sweep, now_ms: int) -> Decision:
