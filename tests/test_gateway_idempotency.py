@@ -103,3 +103,36 @@ async def test_a_retry_resumes_a_call_whose_outcome_was_unknown(
     state = wait_settled(stack, key["key_id"])
     assert (state["reserved_micros"], state["committed_micros"]) == (0, CHARGE_MICROS)
     assert upstream_calls_with(stack, "flaky-1") == 2
+
+
+async def test_calls_beyond_the_inflight_limit_are_shed_not_queued(
+    spendgate_stack: Any, service_factory: ServiceFactory
+) -> None:
+    stack = spendgate_stack
+    port = free_port()
+    env = {**stack.env, "SPENDGATE_GATEWAY_PORT": str(port), "SPENDGATE_GATEWAY_INFLIGHT_MAX": "2"}
+    service_factory("gateway", env)
+    small_gateway = f"http://127.0.0.1:{port}"
+    key = issue_key(stack, cap_usd="100.00")
+    async with httpx.AsyncClient(timeout=30) as client:
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    f"{small_gateway}/stripe/v1/charges",
+                    data=CHARGE,
+                    headers=charge_headers(key, f"shed-{i}", **{"X-Fake-Delay-Ms": "1000"}),
+                )
+                for i in range(6)
+            )
+        )
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200, 200, 503, 503, 503, 503], [r.text for r in responses]
+    for response in responses:
+        if response.status_code == 503:
+            assert response.json()["code"] == "overloaded"
+            assert response.headers["retry-after"] == "1"
+    state = wait_settled(stack, key["key_id"])
+    assert state["committed_micros"] == 2 * CHARGE_MICROS
+    assert (
+        sum(1 for r in fake_requests(stack) if str(r["idempotency_key"]).startswith("shed-")) == 2
+    )

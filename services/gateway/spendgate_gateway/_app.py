@@ -164,7 +164,12 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) ->
         return proxy if isinstance(proxy, Proxy) else None
 
     proxy_route = next(r for r in app.routes if getattr(r, "path", "") == PROXY_ROUTE)
-    app.add_middleware(ProxyFastPath, proxy=running_proxy, route=proxy_route)
+    app.add_middleware(
+        ProxyFastPath,
+        proxy=running_proxy,
+        route=proxy_route,
+        inflight_max=settings.proxy_inflight_max,
+    )
     if observed.tracer is not None:
         # Added last, so it is outside the fast path: proxy calls get their server span.
         app.add_middleware(ServerSpans, tracer=observed.tracer)

@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from spendgate_gateway._proxy import Proxy
+from spendgate_gateway._responses import error_response
 from spendgate_gateway.vendors import VENDORS
 
 PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -24,11 +26,23 @@ PROXY_ROUTE = "/{vendor}/{path:path}"
 
 
 class ProxyFastPath:
-    def __init__(self, app: ASGIApp, proxy: Callable[[], Proxy | None], route: BaseRoute) -> None:
+    """Also sheds load: beyond ``inflight_max`` proxy calls in progress, a call is
+    answered 503 ``overloaded`` at once (nothing reserved, nothing forwarded) instead of
+    joining a queue that only grows once the process is saturated."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        proxy: Callable[[], Proxy | None],
+        route: BaseRoute,
+        inflight_max: int,
+    ) -> None:
         self.app = app
         self._proxy = proxy
         # The declared proxy route, set in the scope as the router would (span names).
         self._route = route
+        self._inflight_max = inflight_max
+        self._inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in PROXY_METHODS:
@@ -37,7 +51,22 @@ class ProxyFastPath:
             if slash and vendor in VENDORS and proxy is not None:
                 scope["path_params"] = {"vendor": vendor, "path": path}
                 scope["route"] = self._route
-                response = await proxy.handle(Request(scope, receive))
-                await response(scope, receive, send)
+                if self._inflight >= self._inflight_max:
+                    await _overloaded(self._inflight_max)(scope, receive, send)
+                    return
+                self._inflight += 1
+                try:
+                    response = await proxy.handle(Request(scope, receive))
+                    await response(scope, receive, send)
+                finally:
+                    self._inflight -= 1
                 return
         await self.app(scope, receive, send)
+
+
+def _overloaded(inflight_max: int) -> Response:
+    message = (
+        f"the gateway has {inflight_max} calls in progress; nothing was reserved or "
+        "forwarded, retry shortly"
+    )
+    return error_response(503, "overloaded", message, headers={"retry-after": "1"})

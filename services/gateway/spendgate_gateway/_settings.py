@@ -45,6 +45,8 @@ class GatewaySettings:
     upstream_connections_max: int
     # Idle upstream connections kept per vendor (at most upstream_connections_max).
     upstream_keepalive_max: int
+    # Proxy calls in progress beyond which a call is refused 503 overloaded.
+    proxy_inflight_max: int
     shutdown_deadline: timedelta
     # Twilio's account SID and call limit (vendors/twilio.py).
     twilio: TwilioSettings = TWILIO_DEFAULTS
@@ -99,6 +101,9 @@ class GatewaySettings:
             ),
             upstream_keepalive_max=env.integer(
                 "SPENDGATE_UPSTREAM_KEEPALIVE_MAX", 20, minimum=0, maximum=10_000
+            ),
+            proxy_inflight_max=env.integer(
+                "SPENDGATE_GATEWAY_INFLIGHT_MAX", 512, minimum=1, maximum=100_000
             ),
             shutdown_deadline=env.seconds(
                 "SPENDGATE_SHUTDOWN_DEADLINE_SECONDS", 20, minimum=1, maximum=600
