@@ -413,27 +413,10 @@ class PartitionState:
             approval_id = verdict
         key_window = key.meter.window_start_for(now_ms)
         for scope, scope_id, meter in self._scopes(key, budgets):
-            window_start = meter.window_start_for(now_ms)
-            committed = meter.committed_in(window_start)
+            committed = meter.committed_in(meter.window_start_for(now_ms))
             if committed + meter.reserved_micros + command.amount_micros > meter.cap_micros:
-                denied = ReservationDenied(
-                    at_ms=now_ms,
-                    decision_id=self._next_id("dcn"),
-                    key_id=key.key_id,
-                    amount_micros=command.amount_micros,
-                    vendor=command.vendor,
-                    operation=command.operation,
-                    idempotency_key=command.idempotency_key,
-                    request_sha256=fingerprint,
-                    code="cap_exhausted",
-                    scope=scope,
-                    scope_id=scope_id,
-                    committed_micros=committed,
-                    reserved_micros=meter.reserved_micros,
-                    cap_micros=meter.cap_micros,
-                    window_start_at_ms=window_start,
-                )
-                return Decision(self._denied_result(denied), (denied,))
+                refusal = _Refusal("cap_exhausted", scope, scope_id)
+                return self._denial(refusal, key, command, fingerprint, meter, now_ms)
         hold_ms = command.hold_ms if command.hold_ms > 0 else self.default_hold_ms
         granted = ReservationGranted(
             at_ms=now_ms,
@@ -526,7 +509,7 @@ class PartitionState:
             return Decision(degrade)
         if rule.decision == "stop":
             refusal = _Refusal("contract_stop", "contract", rule.name)
-            return self._contract_denial(refusal, key, command, fingerprint, meter, now_ms)
+            return self._denial(refusal, key, command, fingerprint, meter, now_ms)
         return self._approval_gate(rule, key, command, fingerprint, meter, now_ms)
 
     def _approval_gate(
@@ -558,7 +541,7 @@ class PartitionState:
             # The same call (same idempotency key) was rejected or its approval lapsed.
             code = "approval_rejected" if status == "rejected" else "approval_expired"
             refusal = _Refusal(code, "approval", record.request.approval_id)
-            return self._contract_denial(refusal, key, command, fingerprint, meter, now_ms)
+            return self._denial(refusal, key, command, fingerprint, meter, now_ms)
         # No approval yet (or, for a call without an idempotency key, none usable).
         message = rule.message or f"contract rule {rule.name!r} requires an approval"
         requested = ApprovalRequested(
@@ -582,7 +565,7 @@ class PartitionState:
         )
         return Decision(pending, (requested,))
 
-    def _contract_denial(
+    def _denial(
         self,
         refusal: _Refusal,
         key: KeyRecord,
@@ -591,6 +574,7 @@ class PartitionState:
         meter: Meter,
         now_ms: int,
     ) -> Decision:
+        """A refused reserve: its event (remembered for idempotency) and its answer."""
         window_start = meter.window_start_for(now_ms)
         denied = ReservationDenied(
             at_ms=now_ms,
@@ -782,24 +766,10 @@ class PartitionState:
         return [self.budgets[(key.tenant, budget_id)] for budget_id in budget_ids]
 
     def _denied_result(self, event: ReservationDenied) -> Denied:
-        if event.scope in ("contract", "approval"):
-            return self._contract_denied_result(event)
-        if event.scope == "key":
-            key = self.keys[event.key_id]
-            subject, window = f"key '{key.label}'", key.meter.window
-        else:
-            budget = self.budgets[(self.keys[event.key_id].tenant, event.scope_id)]
-            subject, window = f"{budget.scope} budget '{budget.budget_id}'", budget.meter.window
-        remaining = max(0, event.cap_micros - event.committed_micros - event.reserved_micros)
-        message = (
-            f"Spendgate: cap exhausted for {subject}: requested "
-            f"${format_usd(event.amount_micros)}, remaining ${format_usd(remaining)} of "
-            f"${format_usd(event.cap_micros)} ({window} window)"
-        )
         return Denied(
             decision_id=event.decision_id,
             code=event.code,
-            message=message,
+            message=self._denial_message(event),
             scope=event.scope,
             scope_id=event.scope_id,
             committed_micros=event.committed_micros,
@@ -808,33 +778,34 @@ class PartitionState:
             requested_micros=event.amount_micros,
         )
 
-    def _contract_denied_result(self, event: ReservationDenied) -> Denied:
-        """The answer to a reserve a contract refused (rebuilt alike when replaying the log:
-        the tenant's rules at that point of the log are the ones that decided)."""
+    def _denial_message(self, event: ReservationDenied) -> str:
+        """Why a reserve was refused (rebuilt alike when replaying the log: the keys,
+        budgets and contract rules at that point of the log are the ones that decided)."""
         if event.code == "contract_stop":
             tenant = self.keys[event.key_id].tenant
             contracts = self.contracts.get(tenant)
             rules = contracts.rules if contracts is not None else ()
             said = next((c.rule.message for c in rules if c.rule.name == event.scope_id), "")
             message = f"Spendgate: stopped by contract rule '{event.scope_id}'"
-            message += f": {said}" if said else ""
-        elif event.code == "approval_rejected":
-            message = f"Spendgate: approval {event.scope_id} was rejected; the call is refused"
-        else:
-            message = (
+            return message + (f": {said}" if said else "")
+        if event.code == "approval_rejected":
+            return f"Spendgate: approval {event.scope_id} was rejected; the call is refused"
+        if event.code == "approval_expired":
+            return (
                 f"Spendgate: approval {event.scope_id} lapsed before an operator decided; "
                 "retry with a new idempotency key to ask again"
             )
-        return Denied(
-            decision_id=event.decision_id,
-            code=event.code,
-            message=message,
-            scope=event.scope,
-            scope_id=event.scope_id,
-            committed_micros=event.committed_micros,
-            reserved_micros=event.reserved_micros,
-            cap_micros=event.cap_micros,
-            requested_micros=event.amount_micros,
+        if event.scope == "key":
+            key = self.keys[event.key_id]
+            subject, window = f"key '{key.label}'", key.meter.window
+        else:
+            budget = self.budgets[(self.keys[event.key_id].tenant, event.scope_id)]
+            subject, window = f"{budget.scope} budget '{budget.budget_id}'", budget.meter.window
+        remaining = max(0, event.cap_micros - event.committed_micros - event.reserved_micros)
+        return (
+            f"Spendgate: cap exhausted for {subject}: requested "
+            f"${format_usd(event.amount_micros)}, remaining ${format_usd(remaining)} of "
+            f"${format_usd(event.cap_micros)} ({window} window)"
         )
 
     def _decide_settle(self, command: Commit | Release, now_ms: int) -> Decision:
