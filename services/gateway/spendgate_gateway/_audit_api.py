@@ -9,7 +9,6 @@ broken chain is still a 200: ``ok`` is false and each broken partition names its
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from datetime import timedelta
 
@@ -29,6 +28,7 @@ from spendgate_common.subjects import (
     AUDIT_STATUS_SUBJECT,
     AUDIT_VERIFY_SUBJECT,
 )
+from spendgate_gateway._auth import check_admin_token
 from spendgate_gateway._responses import error_response, json_response
 from spendgate_gateway._settings import GatewaySettings
 
@@ -53,16 +53,7 @@ def audit_router(settings: GatewaySettings, holder: Mapping[str, object]) -> API
     router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
     def check_admin(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        expected = settings.admin_token.encode("utf-8")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode("utf-8"), expected
-        ):
-            raise InvalidRequestError(
-                "invalid_admin_token",
-                "this endpoint needs 'Authorization: Bearer <admin token>'",
-                status=401,
-            )
+        check_admin_token(request.headers, settings.admin_token)
 
     async def ask(subject: str, request: msgspec.Struct, wait: timedelta) -> Response:
         nats = holder.get("nats")

@@ -10,7 +10,6 @@ command; a ledger refusal becomes an error response through :func:`failed_status
 from __future__ import annotations
 
 import asyncio
-import hmac
 import re
 import time
 from decimal import Decimal
@@ -52,6 +51,7 @@ from spendgate_common.limits import (
 from spendgate_common.money import format_usd, parse_usd
 from spendgate_common.vault_keys import is_valid_tenant, new_vault_key
 from spendgate_gateway import _views as views
+from spendgate_gateway._auth import check_admin_token
 from spendgate_gateway._failures import failed_status
 from spendgate_gateway._ledger_client import LedgerClient
 from spendgate_gateway._responses import error_response, json_response, read_body
@@ -139,16 +139,7 @@ class ControlPlane:
 
     def check_admin(self, request: Request) -> None:
         """Refuse the request unless it carries ``Authorization: Bearer <admin token>``."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        expected = self._settings.admin_token.encode("utf-8")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode("utf-8"), expected
-        ):
-            raise InvalidRequestError(
-                "invalid_admin_token",
-                "this endpoint needs 'Authorization: Bearer <admin token>'",
-                status=401,
-            )
+        check_admin_token(request.headers, self._settings.admin_token)
 
     async def _execute(self, command: AnyCommand, expected: type[_Result]) -> _Result | Response:
         """Run one ledger command: its result, or the error response for a refusal."""

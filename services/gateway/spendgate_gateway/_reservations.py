@@ -46,6 +46,7 @@ from spendgate_common.limits import (
 from spendgate_common.money import format_usd, parse_usd
 from spendgate_common.vault_keys import VaultKey, parse_vault_key
 from spendgate_gateway import _views as views
+from spendgate_gateway._auth import bearer_token
 from spendgate_gateway._contract_decisions import denial_status
 from spendgate_gateway._control import decode_body
 from spendgate_gateway._failures import failed_status
@@ -213,8 +214,8 @@ def _degrade_required(decision: Degrade) -> Response:
 
 
 def _vault_key(request: Request) -> VaultKey:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    key = parse_vault_key(token.strip()) if scheme.lower() == "bearer" else None
+    token = bearer_token(request.headers)
+    key = parse_vault_key(token) if token is not None else None
     if key is None:
         raise InvalidRequestError(
             "invalid_key", "this endpoint needs 'Authorization: Bearer <vault key>'", status=401

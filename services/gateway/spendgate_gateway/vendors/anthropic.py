@@ -33,6 +33,7 @@ import msgspec
 
 from spendgate_common.errors import InvalidRequestError
 from spendgate_common.limits import AMOUNT_MICROS_MAX
+from spendgate_gateway._auth import bearer_token
 from spendgate_gateway.pricing import load_pricing
 from spendgate_gateway.vendors._base import (
     Call,
@@ -171,10 +172,7 @@ class Anthropic:
         if api_key:
             return api_key
         # The SDK's auth_token option sends a bearer token instead.
-        scheme, _, value = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            return None
-        return value.strip() or None
+        return bearer_token(headers)
 
     def estimate(self, call: Call) -> Estimate:
         if (call.method, call.path) != _PRICED_OPERATION:

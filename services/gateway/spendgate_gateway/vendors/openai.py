@@ -34,6 +34,7 @@ import msgspec
 
 from spendgate_common.errors import InvalidRequestError
 from spendgate_common.limits import AMOUNT_MICROS_MAX
+from spendgate_gateway._auth import bearer_token
 from spendgate_gateway.pricing import load_pricing
 from spendgate_gateway.vendors._base import (
     Call,
@@ -190,10 +191,7 @@ class OpenAI:
     upstream_deduplicates = False
 
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
-        scheme, _, value = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            return None
-        return value.strip() or None
+        return bearer_token(headers)
 
     def estimate(self, call: Call) -> Estimate:
         api = _ENDPOINTS.get((call.method, call.path))

@@ -23,6 +23,7 @@ import msgspec
 
 from spendgate_common.errors import InvalidRequestError
 from spendgate_common.money import parse_usd
+from spendgate_gateway._auth import bearer_token
 from spendgate_gateway.pricing import load_pricing
 from spendgate_gateway.vendors._base import (
     Call,
@@ -62,10 +63,7 @@ class Resend:
     upstream_deduplicates = True
 
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
-        scheme, _, value = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            return value.strip() or None
-        return None
+        return bearer_token(headers)
 
     def estimate(self, call: Call) -> Estimate:
         if call.method != "POST" or call.path not in ("emails", "emails/batch"):

@@ -22,8 +22,6 @@ is configured. An unknown currency is ``400 unsupported_currency``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import re
 from collections.abc import Mapping
@@ -36,6 +34,7 @@ import msgspec
 from spendgate_common.errors import InvalidRequestError
 from spendgate_common.limits import AMOUNT_MICROS_MAX
 from spendgate_common.money import MICROS_PER_USD
+from spendgate_gateway._auth import basic_credentials, bearer_token
 from spendgate_gateway.pricing import load_pricing
 from spendgate_gateway.vendors._base import (
     Call,
@@ -163,18 +162,14 @@ class Stripe:
     upstream_deduplicates = True
 
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
-        authorization = headers.get("authorization", "")
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() == "bearer":
-            return value.strip() or None
-        if scheme.lower() == "basic":
-            # `curl -u sk_...:` sends the key as the Basic user name.
-            try:
-                decoded = base64.b64decode(value.strip(), validate=True).decode("ascii")
-            except (binascii.Error, UnicodeDecodeError):
-                return None
-            return decoded.partition(":")[0] or None
-        return None
+        token = bearer_token(headers)
+        if token is not None:
+            return token
+        # `curl -u sk_...:` sends the key as the Basic user name.
+        credentials = basic_credentials(headers)
+        if credentials is None:
+            return None
+        return credentials[0] or None
 
     def estimate(self, call: Call) -> Estimate:
         segments = call.path.split("/")

@@ -25,7 +25,6 @@ the estimate; a call at the estimate), 4xx is free, anything else unknown.
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import msgspec
 from spendgate_common.errors import ConfigurationError, InvalidRequestError
 from spendgate_common.limits import AMOUNT_MICROS_MAX
 from spendgate_common.money import MICROS_PER_USD, parse_usd
+from spendgate_gateway._auth import basic_credentials
 from spendgate_gateway.pricing import load_pricing
 from spendgate_gateway.vendors._base import (
     Call,
@@ -193,14 +193,10 @@ class Twilio:
 
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
         # Twilio's SDKs send Basic account_sid:auth_token; the vault key is the token.
-        scheme, _, value = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "basic":
+        credentials = basic_credentials(headers)
+        if credentials is None:
             return None
-        try:
-            decoded = base64.b64decode(value.strip(), validate=True).decode("ascii")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        user, _, password = decoded.partition(":")
+        user, password = credentials
         return password or user or None
 
     def upstream_path(self, path: str) -> str | None:
