@@ -169,6 +169,37 @@ def _headers(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}", "content-type": "application/json"}
 
 
+def _http_options(gateway_url: str, timeout: timedelta, connections_max: int) -> dict[str, Any]:
+    """What both clients give their httpx client."""
+    return {
+        "base_url": gateway_url,
+        "timeout": httpx.Timeout(timeout.total_seconds()),
+        "limits": httpx.Limits(max_connections=connections_max),
+    }
+
+
+def _commit_body(
+    actual_usd: Decimal | str | int | None, actual_micros: int | None
+) -> dict[str, object]:
+    if (actual_usd is None) == (actual_micros is None):
+        raise ValueError("give exactly one of actual_usd and actual_micros")
+    micros = to_micros(actual_usd) if actual_usd is not None else actual_micros
+    return {"actual_micros": micros}
+
+
+def _settle_path(reservation: Reservation | str, verb: str) -> str:
+    rid = reservation if isinstance(reservation, str) else reservation.reservation_id
+    return f"/v1/reservations/{rid}/{verb}"
+
+
+def _key_state_request(
+    vault_key: str, admin_token: str | None, key_id: str | None
+) -> tuple[str, dict[str, str]]:
+    if admin_token is None:
+        raise SpendgateError("admin_token_required", "key_state() needs admin_token")
+    return f"/v1/keys/{key_id or _key_id(vault_key)}", _headers(admin_token)
+
+
 class SpendgateClient:
     """Synchronous client. ``vault_key`` authenticates reserve, commit and release;
     ``admin_token`` is only needed for ``key_state()`` (the gateway shows a key's state
@@ -185,11 +216,7 @@ class SpendgateClient:
     ) -> None:
         self._vault_key = vault_key
         self._admin_token = admin_token
-        self._http = httpx.Client(
-            base_url=gateway_url,
-            timeout=httpx.Timeout(timeout.total_seconds()),
-            limits=httpx.Limits(max_connections=connections_max),
-        )
+        self._http = httpx.Client(**_http_options(gateway_url, timeout, connections_max))
 
     def __enter__(self) -> SpendgateClient:
         return self
@@ -252,20 +279,16 @@ class SpendgateClient:
         actual_micros: int | None = None,
     ) -> Settlement:
         """Settle as spent at the actual cost (zero allowed; above the hold is an overrun)."""
-        if (actual_usd is None) == (actual_micros is None):
-            raise ValueError("give exactly one of actual_usd and actual_micros")
-        micros = to_micros(actual_usd) if actual_usd is not None else actual_micros
-        return self._settle(reservation, "commit", {"actual_micros": micros})
+        return self._settle(reservation, "commit", _commit_body(actual_usd, actual_micros))
 
     def release(self, reservation: Reservation | str, reason: str = "") -> Settlement:
         """Return the hold: only for a call known to have cost nothing."""
         return self._settle(reservation, "release", {"reason": reason})
 
     def _settle(self, reservation: Reservation | str, verb: str, body: object) -> Settlement:
-        rid = reservation if isinstance(reservation, str) else reservation.reservation_id
         try:
             response = self._http.post(
-                f"/v1/reservations/{rid}/{verb}",
+                _settle_path(reservation, verb),
                 content=msgspec.json.encode(body),
                 headers=_headers(self._vault_key),
             )
@@ -275,13 +298,9 @@ class SpendgateClient:
 
     def key_state(self, key_id: str | None = None) -> KeyState:
         """The key's use in its window (this client's key by default); needs ``admin_token``."""
-        if self._admin_token is None:
-            raise SpendgateError("admin_token_required", "key_state() needs admin_token")
+        path, headers = _key_state_request(self._vault_key, self._admin_token, key_id)
         try:
-            response = self._http.get(
-                f"/v1/keys/{key_id or _key_id(self._vault_key)}",
-                headers=_headers(self._admin_token),
-            )
+            response = self._http.get(path, headers=headers)
         except httpx.HTTPError as error:
             raise _unreachable(error) from error
         return _decode(response, None, KeyState)
@@ -302,11 +321,7 @@ class AsyncSpendgateClient:
     ) -> None:
         self._vault_key = vault_key
         self._admin_token = admin_token
-        self._http = httpx.AsyncClient(
-            base_url=gateway_url,
-            timeout=httpx.Timeout(timeout.total_seconds()),
-            limits=httpx.Limits(max_connections=connections_max),
-        )
+        self._http = httpx.AsyncClient(**_http_options(gateway_url, timeout, connections_max))
 
     async def __aenter__(self) -> AsyncSpendgateClient:
         return self
@@ -367,20 +382,16 @@ class AsyncSpendgateClient:
         actual_micros: int | None = None,
     ) -> Settlement:
         """As :meth:`SpendgateClient.commit`."""
-        if (actual_usd is None) == (actual_micros is None):
-            raise ValueError("give exactly one of actual_usd and actual_micros")
-        micros = to_micros(actual_usd) if actual_usd is not None else actual_micros
-        return await self._settle(reservation, "commit", {"actual_micros": micros})
+        return await self._settle(reservation, "commit", _commit_body(actual_usd, actual_micros))
 
     async def release(self, reservation: Reservation | str, reason: str = "") -> Settlement:
         """As :meth:`SpendgateClient.release`."""
         return await self._settle(reservation, "release", {"reason": reason})
 
     async def _settle(self, reservation: Reservation | str, verb: str, body: object) -> Settlement:
-        rid = reservation if isinstance(reservation, str) else reservation.reservation_id
         try:
             response = await self._http.post(
-                f"/v1/reservations/{rid}/{verb}",
+                _settle_path(reservation, verb),
                 content=msgspec.json.encode(body),
                 headers=_headers(self._vault_key),
             )
@@ -390,13 +401,9 @@ class AsyncSpendgateClient:
 
     async def key_state(self, key_id: str | None = None) -> KeyState:
         """As :meth:`SpendgateClient.key_state`."""
-        if self._admin_token is None:
-            raise SpendgateError("admin_token_required", "key_state() needs admin_token")
+        path, headers = _key_state_request(self._vault_key, self._admin_token, key_id)
         try:
-            response = await self._http.get(
-                f"/v1/keys/{key_id or _key_id(self._vault_key)}",
-                headers=_headers(self._admin_token),
-            )
+            response = await self._http.get(path, headers=headers)
         except httpx.HTTPError as error:
             raise _unreachable(error) from error
         return _decode(response, None, KeyState)
