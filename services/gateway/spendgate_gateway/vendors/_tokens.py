@@ -15,15 +15,41 @@ files, earlier responses): then only the model's context window bounds the input
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from spendgate_common.money import parse_usd
+
+ModelT = TypeVar("ModelT")
 
 TOKENS_PER_PRICE_UNIT = 1_000_000
 # How the input scan treats one JSON object of a request body.
 PartKind = Literal["text", "image", "unseen"]
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTable(Generic[ModelT]):
+    """A vendor's model prices from one version of its price file."""
+
+    version: str
+    models: Mapping[str, ModelT]
+
+    def model(self, name: str) -> ModelT | None:
+        return self.models.get(name)
+
+    @classmethod
+    def with_aliases(
+        cls, file: str, version: str, models: dict[str, ModelT], aliases: Mapping[str, str]
+    ) -> PriceTable[ModelT]:
+        """The table with each alias priced as the listed model it names; raises
+        ValueError for an alias of an unlisted model or one that shadows a listed one."""
+        listed = frozenset(models)
+        for alias, target in aliases.items():
+            if target not in models or alias in listed:
+                raise ValueError(f"{file} aliases.{alias}: must name a listed model")
+            models[alias] = models[target]
+        return cls(version, models)
 
 
 def micros_per_million_tokens(usd: str, *, field_name: str) -> int:

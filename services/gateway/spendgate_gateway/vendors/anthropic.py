@@ -47,6 +47,7 @@ from spendgate_gateway.vendors._fixed import settle_fixed
 from spendgate_gateway.vendors._sse import EventSplitter, EventTooLargeError, event_name_and_data
 from spendgate_gateway.vendors._tokens import (
     PartKind,
+    PriceTable,
     cost_micros,
     micros_per_million_tokens,
     scan_input,
@@ -105,16 +106,7 @@ class ModelPrices:
     output_tokens_max: int
 
 
-@dataclass(frozen=True, slots=True)
-class PriceTable:
-    version: str
-    models: Mapping[str, ModelPrices]
-
-    def model(self, name: str) -> ModelPrices | None:
-        return self.models.get(name)
-
-
-def price_table(data: _PriceFile) -> PriceTable:
+def price_table(data: _PriceFile) -> PriceTable[ModelPrices]:
     """Check and convert the price file; raises ValueError (the gateway does not start)."""
     models: dict[str, ModelPrices] = {}
     for name, entry in data.models.items():
@@ -137,11 +129,7 @@ def price_table(data: _PriceFile) -> PriceTable:
         if min(prices.context_window_tokens, prices.output_tokens_max) <= 0:
             raise ValueError(f"{field}: token limits must be positive")
         models[name] = prices
-    for alias, target in data.aliases.items():
-        if target not in models or alias in data.models:
-            raise ValueError(f"pricing/anthropic.json aliases.{alias}: must name a listed model")
-        models[alias] = models[target]
-    return PriceTable(data.version, models)
+    return PriceTable.with_aliases("pricing/anthropic.json", data.version, models, data.aliases)
 
 
 PRICES = price_table(load_pricing("anthropic", _PriceFile))

@@ -48,6 +48,7 @@ from spendgate_gateway.vendors._fixed import settle_fixed
 from spendgate_gateway.vendors._sse import EventSplitter, EventTooLargeError, event_name_and_data
 from spendgate_gateway.vendors._tokens import (
     PartKind,
+    PriceTable,
     cost_micros,
     micros_per_million_tokens,
     scan_input,
@@ -128,16 +129,7 @@ class ModelPrices:
     image_input_tokens_max: int
 
 
-@dataclass(frozen=True, slots=True)
-class PriceTable:
-    version: str
-    models: Mapping[str, ModelPrices]
-
-    def model(self, name: str) -> ModelPrices | None:
-        return self.models.get(name)
-
-
-def price_table(data: _PriceFile) -> PriceTable:
+def price_table(data: _PriceFile) -> PriceTable[ModelPrices]:
     """Check and convert the price file; raises ValueError (the gateway does not start)."""
     models: dict[str, ModelPrices] = {}
     for name, entry in data.models.items():
@@ -160,11 +152,7 @@ def price_table(data: _PriceFile) -> PriceTable:
         if prices.kind == "chat" and not 0 < prices.output_tokens_max <= OUTPUT_TOKENS_REQUEST_MAX:
             raise ValueError(f"{field}: a chat model needs output_tokens_max")
         models[name] = prices
-    for alias, target in data.aliases.items():
-        if target not in models or alias in data.models:
-            raise ValueError(f"pricing/openai.json aliases.{alias}: must name a listed model")
-        models[alias] = models[target]
-    return PriceTable(data.version, models)
+    return PriceTable.with_aliases("pricing/openai.json", data.version, models, data.aliases)
 
 
 PRICES = price_table(load_pricing("openai", _PriceFile))
