@@ -23,6 +23,7 @@ import cel
 
 from spendgate_common.events_v1 import ContractDecision, ContractRule
 from spendgate_common.ledger_v1 import Failed
+from spendgate_common.money import MICROS_PER_USD
 
 RULES_PER_TENANT_MAX = 64
 EXPRESSION_CHARS_MAX = 2_000
@@ -32,32 +33,66 @@ RULE_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 VARIABLES = frozenset({"request", "budget"})
 RANK: dict[ContractDecision, int] = {"allow": 0, "degrade": 1, "require_approval": 2, "stop": 3}
 
+
+def evaluation_context(
+    *,
+    vendor: str,
+    operation: str,
+    amount_micros: int,
+    model: str,
+    key_id: str,
+    key_label: str,
+    fleet_labels: Sequence[str],
+    scope: str,
+    scope_id: str,
+    cap_micros: int,
+    spent_micros: int,
+    reserved_micros: int,
+) -> dict[str, object]:
+    """The ``request`` and ``budget`` maps a rule sees (docs/contracts.md)."""
+    remaining = max(0, cap_micros - spent_micros - reserved_micros)
+    return {
+        "request": {
+            "vendor": vendor,
+            "operation": operation,
+            "amount_micros": amount_micros,
+            "amount_usd": amount_micros / MICROS_PER_USD,
+            "model": model,
+            "key_id": key_id,
+            "key_label": key_label,
+            "fleet_labels": list(fleet_labels),
+        },
+        "budget": {
+            "scope": scope,
+            "scope_id": scope_id,
+            "cap_micros": cap_micros,
+            "spent_micros": spent_micros,
+            "reserved_micros": reserved_micros,
+            "remaining_micros": remaining,
+            "cap_usd": cap_micros / MICROS_PER_USD,
+            "spent_usd": spent_micros / MICROS_PER_USD,
+            "reserved_usd": reserved_micros / MICROS_PER_USD,
+            "remaining_usd": remaining / MICROS_PER_USD,
+            "percent_used": 100.0 * (spent_micros + reserved_micros) / cap_micros,
+        },
+    }
+
+
 # A request and budget with every field set, to type-check a rule at upload.
-SAMPLE_CONTEXT: dict[str, object] = {
-    "request": {
-        "vendor": "openai",
-        "operation": "POST /v1/chat/completions",
-        "amount_micros": 1_000_000,
-        "amount_usd": 1.0,
-        "model": "gpt-4o",
-        "key_id": "sample",
-        "key_label": "fleet-a/run-1",
-        "fleet_labels": ["fleet-a"],
-    },
-    "budget": {
-        "scope": "key",
-        "scope_id": "sample",
-        "cap_micros": 10_000_000,
-        "spent_micros": 1_000_000,
-        "reserved_micros": 1_000_000,
-        "remaining_micros": 8_000_000,
-        "cap_usd": 10.0,
-        "spent_usd": 1.0,
-        "reserved_usd": 1.0,
-        "remaining_usd": 8.0,
-        "percent_used": 20.0,
-    },
-}
+SAMPLE_CONTEXT = evaluation_context(
+    vendor="openai",
+    operation="POST /v1/chat/completions",
+    amount_micros=1_000_000,
+    model="gpt-4o",
+    key_id="sample",
+    key_label="fleet-a/run-1",
+    fleet_labels=["fleet-a"],
+    scope="key",
+    scope_id="sample",
+    cap_micros=10_000_000,
+    spent_micros=1_000_000,
+    reserved_micros=1_000_000,
+)
 
 
 @dataclass(frozen=True, slots=True)

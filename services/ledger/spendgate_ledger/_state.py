@@ -100,12 +100,12 @@ from spendgate_common.limits import (
     PRICING_VERSION_CHARS_MAX,
     SWEEP_EVENTS_MAX,
 )
-from spendgate_common.money import MICROS_PER_USD, format_usd
+from spendgate_common.money import format_usd
 from spendgate_common.partitioning import partition_for_tenant
 from spendgate_common.timezones import zone
 from spendgate_common.vault_keys import KEY_ID_PATTERN, SECRET_SHA256_PATTERN
 from spendgate_common.windows import window_bounds_ms
-from spendgate_ledger._contracts import TenantContracts, compile_rules
+from spendgate_ledger._contracts import TenantContracts, compile_rules, evaluation_context
 from spendgate_ledger._contracts import decide as decide_contracts
 from spendgate_ledger._queries import answer_query
 
@@ -464,33 +464,20 @@ class PartitionState:
 
         # The scope with the least left is the "budget" rules talk about.
         scope, scope_id, meter = min(self._scopes(key, budgets), key=lambda s: remaining_in(s[2]))
-        spent = meter.committed_in(meter.window_start_for(now_ms))
-        remaining = remaining_in(meter)
-        context: dict[str, object] = {
-            "request": {
-                "vendor": command.vendor,
-                "operation": command.operation,
-                "amount_micros": command.amount_micros,
-                "amount_usd": command.amount_micros / MICROS_PER_USD,
-                "model": command.model,
-                "key_id": key.key_id,
-                "key_label": key.label,
-                "fleet_labels": list(key.fleet_labels),
-            },
-            "budget": {
-                "scope": scope,
-                "scope_id": scope_id,
-                "cap_micros": meter.cap_micros,
-                "spent_micros": spent,
-                "reserved_micros": meter.reserved_micros,
-                "remaining_micros": remaining,
-                "cap_usd": meter.cap_micros / MICROS_PER_USD,
-                "spent_usd": spent / MICROS_PER_USD,
-                "reserved_usd": meter.reserved_micros / MICROS_PER_USD,
-                "remaining_usd": remaining / MICROS_PER_USD,
-                "percent_used": 100.0 * (spent + meter.reserved_micros) / meter.cap_micros,
-            },
-        }
+        context = evaluation_context(
+            vendor=command.vendor,
+            operation=command.operation,
+            amount_micros=command.amount_micros,
+            model=command.model,
+            key_id=key.key_id,
+            key_label=key.label,
+            fleet_labels=key.fleet_labels,
+            scope=scope,
+            scope_id=scope_id,
+            cap_micros=meter.cap_micros,
+            spent_micros=meter.committed_in(meter.window_start_for(now_ms)),
+            reserved_micros=meter.reserved_micros,
+        )
         rules = contracts.rules
         if command.degraded_by:
             rules = tuple(r for r in rules if r.rule.decision != "degrade")
@@ -504,7 +491,7 @@ class PartitionState:
                 message=message,
                 model=rule.degrade_model,
                 clamp_max_tokens=rule.degrade_clamp_max_tokens,
-                remaining_micros=remaining,
+                remaining_micros=remaining_in(meter),
             )
             return Decision(degrade)
         if rule.decision == "stop":
