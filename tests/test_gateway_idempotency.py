@@ -5,6 +5,8 @@ upstream call: while the first attempt is in flight the retry gets 409
 ``request_in_progress``; once the first attempt's outcome is unknown (a 5xx, a timeout)
 the retry resumes its hold and settles it; once it completed, Stripe (which deduplicates
 by that header itself) answers the retry from its own memory and nothing is charged twice.
+Calls beyond the gateway's in-flight limit are shed at once (503 ``overloaded``), never
+reserved or forwarded.
 """
 
 from __future__ import annotations
