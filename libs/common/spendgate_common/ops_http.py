@@ -127,3 +127,17 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str] | None:
         if (await reader.readline()) in (b"\r\n", b"\n", b""):
             return parts[0], parts[1].split("?", 1)[0]
     return None
+
+
+def ops_server_if_enabled(
+    host: str,
+    port: int,
+    telemetry: Telemetry,
+    *,
+    live: Callable[[], Check],
+    ready: Callable[[], Check],
+) -> OpsServer | None:
+    """The listener of a service whose metrics port setting is not 0 (0: none)."""
+    if not port:
+        return None
+    return OpsServer(host, port, telemetry, live=live, ready=ready)

@@ -51,7 +51,7 @@ from spendgate_auditor._telemetry import AuditorTelemetry
 from spendgate_common import audit_v1, nats_adapter, pg
 from spendgate_common.errors import StoreUnavailableError
 from spendgate_common.migrate import apply_migrations
-from spendgate_common.ops_http import Check, OpsServer
+from spendgate_common.ops_http import Check, ops_server_if_enabled
 from spendgate_common.subjects import AUDITOR_DURABLE, EVENTS_STREAM
 from spendgate_common.telemetry import Telemetry
 
@@ -108,15 +108,13 @@ class AuditorService:
         self._settings = settings
         self._exit_on_crash = exit_on_crash
         self._telemetry = AuditorTelemetry(telemetry or Telemetry.disabled())
-        self._ops: OpsServer | None = None
-        if settings.metrics_port:
-            self._ops = OpsServer(
-                settings.metrics_host,
-                settings.metrics_port,
-                self._telemetry.telemetry,
-                live=self._live,
-                ready=self._ready,
-            )
+        self._ops = ops_server_if_enabled(
+            settings.metrics_host,
+            settings.metrics_port,
+            self._telemetry.telemetry,
+            live=self._live,
+            ready=self._ready,
+        )
         self._started = False
         self._loop_beat = 0.0
         self._stopping = asyncio.Event()

@@ -39,7 +39,7 @@ from spendgate_common.ledger_v1 import (
 )
 from spendgate_common.limits import COMMANDS_PER_REQUEST_MAX
 from spendgate_common.migrate import apply_migrations
-from spendgate_common.ops_http import Check, OpsServer
+from spendgate_common.ops_http import Check, ops_server_if_enabled
 from spendgate_common.subjects import ledger_command_subject
 from spendgate_common.telemetry import Telemetry
 from spendgate_ledger._partition import PartitionWorker, PendingRequest, StateConfig, StateLoader
@@ -103,15 +103,13 @@ class LedgerService:
         self._settings = settings
         self._exit_on_crash = exit_on_crash
         self._telemetry = LedgerTelemetry(telemetry or Telemetry.disabled())
-        self._ops: OpsServer | None = None
-        if settings.metrics_port:
-            self._ops = OpsServer(
-                settings.metrics_host,
-                settings.metrics_port,
-                self._telemetry.telemetry,
-                live=self._live,
-                ready=self._ready,
-            )
+        self._ops = ops_server_if_enabled(
+            settings.metrics_host,
+            settings.metrics_port,
+            self._telemetry.telemetry,
+            live=self._live,
+            ready=self._ready,
+        )
         self._started = False
         self._lease_round_at = 0.0
 
