@@ -108,6 +108,7 @@ from spendgate_common.windows import window_bounds_ms
 from spendgate_ledger._contracts import TenantContracts, compile_rules, evaluation_context
 from spendgate_ledger._contracts import decide as decide_contracts
 from spendgate_ledger._queries import answer_query
+from spendgate_ledger._sharded import ShardedDict
 
 # Most approvals one ListApprovals answers.
 APPROVALS_PAGE_MAX = 500
@@ -277,8 +278,10 @@ class PartitionState:
     # Budget ids are chosen by users, so they are unique per tenant, not per partition.
     budgets: dict[tuple[str, str], BudgetRecord] = field(default_factory=dict)
     holds: dict[str, Hold] = field(default_factory=dict)
-    settled: dict[str, str] = field(default_factory=dict)
-    idempotency: dict[tuple[str, str], IdempotencyEntry] = field(default_factory=dict)
+    # Sharded: millions of entries on a busy partition, and one CPython dict rebuilds
+    # itself whole as it grows or churns (spendgate_ledger._sharded).
+    settled: ShardedDict[str, str] = field(default_factory=ShardedDict)
+    idempotency: ShardedDict[tuple[str, str], IdempotencyEntry] = field(default_factory=ShardedDict)
     # Indexes, in apply order: derived from the fields above, but part of the state.
     _tenant_budgets: dict[str, list[str]] = field(default_factory=dict)
     _vendor_budgets: dict[tuple[str, str], list[str]] = field(default_factory=dict)
