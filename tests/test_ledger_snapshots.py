@@ -11,8 +11,10 @@ checks that a new replica recovers from a snapshot plus the log's tail to the sa
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -40,7 +42,12 @@ from spendgate_common.ledger_v1 import (
 from spendgate_common.partitioning import partition_for_tenant
 from spendgate_common.subjects import ledger_command_subject
 from spendgate_common.vault_keys import VaultKey, new_vault_key
-from spendgate_ledger._snapshot import decode_snapshot, encode_snapshot
+from spendgate_ledger._snapshot import (
+    SnapshotChildError,
+    decode_snapshot,
+    encode_snapshot,
+    fork_save_snapshot,
+)
 from spendgate_ledger._state import PartitionState, Sweep
 from tests.harness import ServiceFactory
 
@@ -174,6 +181,36 @@ def test_a_snapshot_of_another_partition_or_garbage_is_refused() -> None:
 
 
 # ------------------------------------------------------------------ service: kill -9
+
+
+async def test_the_snapshot_child_stores_the_state_as_it_was_at_the_fork(tmp_path: Path) -> None:
+    state, keys = rich_state()
+    expected = encode_snapshot(state)
+    parent = os.getpid()
+    stored = tmp_path / "snapshot"
+
+    async def save(body: bytes) -> None:
+        # Runs in the child, on the child's own event loop.
+        assert os.getpid() != parent
+        await asyncio.sleep(0)
+        stored.write_bytes(body)
+
+    saving = fork_save_snapshot(state, save)
+    # The parent's state moves on at once; the child keeps the image of the fork.
+    run(state, reserve(keys[0], 1_000), NOW_MS + 1_000)
+    await saving
+    assert stored.read_bytes() == expected
+    assert encode_snapshot(state) != expected
+
+
+async def test_a_failed_snapshot_child_is_reported() -> None:
+    state, _ = rich_state()
+
+    async def save(body: bytes) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(SnapshotChildError, match="exited with status"):
+        await fork_save_snapshot(state, save)
 
 
 async def send(nats_url: str, commands: list[AnyCommand]) -> list[AnyResult]:

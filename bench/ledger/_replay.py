@@ -39,8 +39,8 @@ class _NoSnapshots(SnapshotStore):
 
 
 class _SnapshotsUpTo(SnapshotStore):
-    def __init__(self, pool: asyncpg.Pool, ceiling: int) -> None:
-        super().__init__(pool)
+    def __init__(self, pool: asyncpg.Pool, database_url: str, ceiling: int) -> None:
+        super().__init__(pool, database_url)
         self._ceiling = ceiling
 
     async def newest(self, partition: int, max_seq: int) -> list[tuple[int, bytes]]:
@@ -80,8 +80,11 @@ class Snapshot(msgspec.Struct, frozen=True):
 class Replayer:
     """StateLoaders of one partition against the benchmark's database."""
 
-    def __init__(self, pool: asyncpg.Pool, partition_count: int, snapshot_every: int) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, database_url: str, partition_count: int, snapshot_every: int
+    ) -> None:
         self._pool = pool
+        self._database_url = database_url
         self._store = LedgerStore(pool, "bench-footprint")
         self._config = StateConfig(
             partition_count=partition_count,
@@ -102,7 +105,7 @@ class Replayer:
             statement_timeout=STATEMENT_TIMEOUT,
             connect_deadline=CONNECT_DEADLINE,
         )
-        return cls(pool, partition_count, snapshot_every)
+        return cls(pool, database_url, partition_count, snapshot_every)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -126,11 +129,11 @@ class Replayer:
         """Load the partition ``repeats`` times: with no snapshot (``snapshots_up_to`` 0),
         the newest (None) or the newest at or below a seq."""
         if snapshots_up_to == 0:
-            snapshots: SnapshotStore = _NoSnapshots(self._pool)
+            snapshots: SnapshotStore = _NoSnapshots(self._pool, self._database_url)
         elif snapshots_up_to is None:
-            snapshots = SnapshotStore(self._pool)
+            snapshots = SnapshotStore(self._pool, self._database_url)
         else:
-            snapshots = _SnapshotsUpTo(self._pool, snapshots_up_to)
+            snapshots = _SnapshotsUpTo(self._pool, self._database_url, snapshots_up_to)
         loader = self._loader(snapshots)
         walls, cpus = [], []
         state: PartitionState | None = None
@@ -160,7 +163,7 @@ class Replayer:
 
     async def state_size(self, partition: int) -> StateSize:
         """Heap bytes of the partition's state, recovered from its newest snapshot."""
-        loader = self._loader(SnapshotStore(self._pool))
+        loader = self._loader(SnapshotStore(self._pool, self._database_url))
         gc.collect()
         tracemalloc.start()
         try:

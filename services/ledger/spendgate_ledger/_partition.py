@@ -24,7 +24,7 @@ from spendgate_common.errors import FencedError, StoreUnavailableError
 from spendgate_common.events_v1 import AnyEvent, decode_event, encode_event
 from spendgate_common.ledger_v1 import AnyCommand, AnyResult, Failed, ResultBatch, encode_batch
 from spendgate_ledger._relay import EventRelay
-from spendgate_ledger._snapshot import SnapshotChildError, decode_snapshot, fork_encode_snapshot
+from spendgate_ledger._snapshot import SnapshotChildError, decode_snapshot, fork_save_snapshot
 from spendgate_ledger._snapshot_store import SnapshotStore
 from spendgate_ledger._state import PartitionState, Sweep
 from spendgate_ledger._store import EventRow, Lease, LedgerStore
@@ -310,13 +310,13 @@ class PartitionWorker:
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return
         seq = self._snapshot_seq = self.state.last_seq
-        encoding = fork_encode_snapshot(self.state)
-        self._snapshot_task = asyncio.create_task(self._save_snapshot(seq, encoding))
+        partition, snapshots = self.partition, self._loader.snapshots
+        saving = fork_save_snapshot(self.state, lambda body: snapshots.save(partition, seq, body))
+        self._snapshot_task = asyncio.create_task(self._save_snapshot(seq, saving))
 
-    async def _save_snapshot(self, seq: int, encoding: Awaitable[bytes]) -> None:
+    async def _save_snapshot(self, seq: int, saving: Awaitable[None]) -> None:
         try:
-            body = await encoding
-            await self._loader.snapshots.save(self.partition, seq, body)
+            await saving
         except (StoreUnavailableError, SnapshotChildError) as error:
             # Harmless: recovery uses an older snapshot and replays a longer tail.
             _log.warning("partition %d: snapshot at %d not saved: %s", self.partition, seq, error)

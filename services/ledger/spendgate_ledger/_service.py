@@ -162,7 +162,7 @@ class LedgerService:
         self._replicas = ReplicaRegistry(self._pool, settings.owner_id)
         self._loader = StateLoader(
             self._store,
-            SnapshotStore(self._pool),
+            SnapshotStore(self._pool, settings.database_url),
             StateConfig(
                 partition_count=settings.common.partition_count,
                 hold_default=settings.hold_default,

@@ -10,8 +10,13 @@ ends, the expiry heap, the fleet-budget cache) are rebuilt. The encoding is msgp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import timedelta
+from typing import Any
 
 import msgspec
 
@@ -275,48 +280,70 @@ def decode_snapshot(body: bytes, fresh: PartitionState) -> PartitionState:
 
 
 class SnapshotChildError(Exception):
-    """The child process that encoded a snapshot failed."""
+    """The child process that encoded and stored a snapshot failed."""
 
 
-def fork_encode_snapshot(state: PartitionState) -> Awaitable[bytes]:
-    """Encode a snapshot of ``state`` as it is *now*, without pausing the caller's loop.
+# The snapshot child runs at a lower CPU priority than the partition loops it was forked
+# from: on a busy machine it takes the idle time and leaves the loops theirs.
+SNAPSHOT_CHILD_NICENESS = 10
+# A snapshot child still running after this long is killed (and reported).
+SNAPSHOT_CHILD_DEADLINE = timedelta(minutes=5)
+# How often the parent looks whether the child has exited (no thread, no signal handler).
+SNAPSHOT_CHILD_POLL = timedelta(milliseconds=50)
 
-    Encoding a large state takes tens of milliseconds of pure CPU, which would stall the
-    partition loop (every request waits). So, as Redis does for its snapshots, we fork:
-    the child sees a copy-on-write image of the state at this instant, encodes it, writes
-    the bytes to a pipe and exits; the parent goes on and collects the bytes in a thread.
-    The child touches no event loop, socket or lock: pure encoding, ``os.write``,
-    ``os._exit``.
+
+def fork_save_snapshot(
+    state: PartitionState, save: Callable[[bytes], Coroutine[Any, Any, None]]
+) -> Awaitable[None]:
+    """Encode a snapshot of ``state`` as it is *now* and store it, without pausing the
+    caller's loop.
+
+    Encoding a large state takes from tens of milliseconds to seconds of pure CPU, and
+    storing it means copying every byte through the loop's socket: either would stall the
+    partition loop (every request waits; with three million remembered ids the store
+    alone stalled it 150 ms). So, as Redis does for its snapshots, we fork: the child sees
+    a copy-on-write image of the state at this instant, encodes it, stores it with
+    ``save`` on its own event loop and its own database connection, and exits. The
+    parent only waits for the exit status. The child touches nothing of the parent's but
+    the state: its loop, sockets and signal handlers stay the parent's.
     """
-    read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, which exits without returning
         code = 0
         try:
-            os.close(read_fd)
-            view = memoryview(encode_snapshot(state))
-            while view:
-                view = view[os.write(write_fd, view) :]
-        except BaseException:
+            _become_snapshot_child()
+            body = encode_snapshot(state)
+            asyncio.run(save(body))
+        except BaseException as error:
             code = 1
+            with contextlib.suppress(BaseException):
+                os.write(2, f"snapshot child {os.getpid()}: {error!r}\n".encode())
         os._exit(code)
-    os.close(write_fd)
-    return _collect(pid, read_fd)
+    return _wait_for_child(pid)
 
 
-async def _collect(pid: int, read_fd: int) -> bytes:
-    try:
-        body = await asyncio.to_thread(_read_all, read_fd)
-    finally:
-        os.close(read_fd)
-    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+def _become_snapshot_child() -> None:  # pragma: no cover - runs in the child
+    # Signals are the child's own (default: die), and never wake the parent's loop
+    # through the wakeup fd both processes share after the fork.
+    signal.set_wakeup_fd(-1)
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, signal.SIG_DFL)
+    # The fork happened inside the parent's running loop; the child runs its own.
+    asyncio.events._set_running_loop(None)
+    os.nice(SNAPSHOT_CHILD_NICENESS)
+
+
+async def _wait_for_child(pid: int) -> None:
+    give_up_at = time.monotonic() + SNAPSHOT_CHILD_DEADLINE.total_seconds()
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG: never blocks)
+        if done:
+            break
+        if time.monotonic() > give_up_at:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # noqa: ASYNC222 (a SIGKILLed child exits at once)
+            deadline_s = SNAPSHOT_CHILD_DEADLINE.total_seconds()
+            raise SnapshotChildError(f"snapshot child {pid} killed after {deadline_s:g} s")
+        await asyncio.sleep(SNAPSHOT_CHILD_POLL.total_seconds())
     if status != 0:
         raise SnapshotChildError(f"snapshot child {pid} exited with status {status}")
-    return body
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
