@@ -29,6 +29,7 @@ from spendgate_gateway._reservations import DirectReservations
 from spendgate_gateway._responses import error_response, json_response
 from spendgate_gateway._settings import GatewaySettings
 from spendgate_gateway._telemetry import GatewayTelemetry, ServerSpans
+from spendgate_gateway._upstream_network import sniffio_knows_asyncio, use_upstream_network
 
 _log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _upstream_client(
             settings.upstream_connections_max, settings.upstream_keepalive_max
         ),
     )
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    transport = use_upstream_network(httpx.AsyncHTTPTransport(limits=limits, trust_env=False))
     return httpx.AsyncClient(
         base_url=base_url,
         # Timed and traced per vendor when telemetry is on (the limits live in it).
@@ -77,6 +78,12 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) ->
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        with sniffio_knows_asyncio():
+            async with _serving() as ready:
+                yield ready
+
+    @contextlib.asynccontextmanager
+    async def _serving() -> AsyncIterator[None]:
         nats = await nats_adapter.connect(
             settings.common.nats_url,
             name="spendgate-gateway",
