@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench._workers import WorkerPool
-from bench.ledger import _common, _cpu, _report
+from bench.ledger import _common, _cpu, _probe, _report
 from bench.ledger._cluster import POSTGRES_SETTINGS, Cluster
 from bench.ledger._common import (
     RESULTS_DIR,
@@ -36,6 +36,8 @@ from bench.ledger._load import (
 JOB_LEAD_S = 1.5
 # Most baseline connections in all (the embedded Postgres allows 200; the ledger has 16).
 BASELINE_CONNECTIONS_MAX = 128
+# Bound of the wait for the relay to publish the closed-loop runs' events.
+RELAY_DRAIN_DEADLINE_S = 300.0
 # Most open-loop pairs waiting per worker before new starts are dropped (and counted).
 OPEN_LOOP_OUTSTANDING_MAX = 20_000
 # Extra time allowed for a worker's result after the window ended.
@@ -181,6 +183,16 @@ class Bench:
         self.progress(f"baseline UPDATE, {concurrency} outstanding: {measurement.summary()}")
 
     def ledger_open(self, keys: list[KeySpec], rate_per_s: float) -> None:
+        # The closed-loop runs leave the relay behind (it publishes to JetStream after the
+        # commit, at its own pace): catching up would be counted as the open run's latency.
+        waited_from = time.monotonic()
+        events = _probe.wait_published(
+            self.cluster.database_url, self.cluster.nats_server.url, RELAY_DRAIN_DEADLINE_S
+        )
+        self.progress(
+            f"relay caught up ({events:,} events published) after"
+            f" {time.monotonic() - waited_from:.1f} s"
+        )
         window = self.window()
         jobs = [
             LedgerOpenJob(
