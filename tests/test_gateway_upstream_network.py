@@ -297,6 +297,20 @@ async def test_tls_server_with_an_untrusted_certificate_is_a_connect_error(
             await client.get("/")
 
 
+async def test_a_tls_handshake_that_never_completes_is_a_connect_timeout(
+    certificate: _Certificate,
+) -> None:
+    async def never_handshakes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads the ClientHello, never answers it
+
+    async with _serve(never_handshakes) as upstream:
+        https_url = upstream.url.replace("http://", "https://", 1)
+        trusting = ssl.create_default_context(cadata=certificate.cert_pem.decode())
+        async with _client(https_url, verify=trusting, timeout_s=SHORT_READ_TIMEOUT_S) as client:
+            with pytest.raises(httpx.ConnectTimeout):
+                await client.get("/")
+
+
 # ------------------------------------------------------------------------- failures, bounds
 
 
