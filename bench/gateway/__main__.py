@@ -171,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ledger_env=dict(args.ledger_env),
         postgres_settings=postgres_overrides,
         gateway_env=dict(args.gateway_env),
+        nats_store_dir=args.nats_store_dir,
     )
     calls: WorkerPool[_load.AnyJob, _load.CallsResult] | None = None
     pairs: WorkerPool[_ledger_load.AnyJob, _ledger_load.JobResult] | None = None
@@ -241,6 +242,7 @@ def _settings_record(args: argparse.Namespace, postgres: dict[str, str]) -> dict
         "gateway_env": dict(args.gateway_env),
         "ledger_env": dict(args.ledger_env),
         "postgres_settings": postgres,
+        "nats_store_dir": str(args.nats_store_dir or "(the run's temporary directory)"),
         "call": f"POST /stripe/v1/charges {CALL_BODY.decode()}",
         "call_amount_micros": CALL_AMOUNT_MICROS,
         "upstream": "bench.gateway._upstream (asyncio, fixed charge answer)",

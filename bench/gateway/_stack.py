@@ -80,9 +80,12 @@ class GatewayStack:
         ledger_env: Mapping[str, str],
         postgres_settings: Mapping[str, str],
         gateway_env: Mapping[str, str],
+        nats_store_dir: Path | None = None,
     ) -> GatewayStack:
         """NATS, Postgres, one ledger, the upstream and one gateway, each ready."""
-        cluster = Cluster.start(partition_count, ledger_env, postgres_settings)
+        cluster = Cluster.start(
+            partition_count, ledger_env, postgres_settings, nats_store_dir=nats_store_dir
+        )
         upstream: ServiceProcess | None = None
         try:
             cluster.start_ledgers(1)

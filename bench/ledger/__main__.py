@@ -218,7 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     progress("starting NATS, Postgres (durable) and the ledger", started=started)
     postgres_overrides = POSTGRES_SETTINGS | dict(args.postgres_setting)
-    cluster = Cluster.start(args.partitions, dict(args.ledger_env), postgres_overrides)
+    cluster = Cluster.start(
+        args.partitions,
+        dict(args.ledger_env),
+        postgres_overrides,
+        nats_store_dir=args.nats_store_dir,
+    )
     bench = Bench(args, cluster, started)
     try:
         cluster.start_ledgers(args.replicas)
@@ -268,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "replicas": args.replicas,
             "ledger_env": dict(args.ledger_env),
             "postgres_settings": postgres_overrides,
+            "nats_store_dir": str(args.nats_store_dir or "(the run's temporary directory)"),
             "amount_micros": AMOUNT_MICROS,
             "baseline_connections_max": BASELINE_CONNECTIONS_MAX,
         },

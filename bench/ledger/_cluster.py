@@ -79,14 +79,22 @@ class Cluster:
         partition_count: int,
         ledger_env: Mapping[str, str],
         postgres_settings: Mapping[str, str],
+        *,
+        nats_store_dir: Path | None = None,
     ) -> Cluster:
         """Start NATS and a durable Postgres (fsync on) under a fresh temporary directory.
 
         ``postgres_settings`` are written with ALTER SYSTEM before a restart (so settings
-        that need one, such as ``wal_buffers``, take effect too).
+        that need one, such as ``wal_buffers``, take effect too). ``nats_store_dir``: where
+        JetStream's store goes instead (a fresh directory in it, removed with the rest).
         """
         root = Path(tempfile.mkdtemp(prefix="spendgate-bench-"))
-        nats_server = EmbeddedNats(root / "nats")
+        nats_store = (
+            Path(tempfile.mkdtemp(prefix="spendgate-bench-nats-", dir=nats_store_dir))
+            if nats_store_dir is not None
+            else root / "nats"
+        )
+        nats_server = EmbeddedNats(nats_store)
         postgres = EmbeddedPostgres(root / "postgres", durable=True)
         cluster = cls(root, nats_server, postgres, partition_count, dict(ledger_env))
         try:
@@ -129,6 +137,7 @@ class Cluster:
         self.postgres.stop()
         if not keep_data:
             shutil.rmtree(self.root, ignore_errors=True)
+            shutil.rmtree(self.nats_server.data_dir, ignore_errors=True)
 
     def process_ids(self) -> dict[str, list[int]]:
         """Pids of the server and ledger processes, by component (Postgres: the postmaster)."""

@@ -70,6 +70,18 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, *, replicas: bool) ->
             " fsync and synchronous_commit stay on unless set here"
         ),
     )
+    parser.add_argument(
+        "--nats-store-dir",
+        type=Path,
+        default=None,
+        help=(
+            "directory for JetStream's store (default: the run's temporary directory, on the"
+            " same disk as Postgres). In production JetStream and Postgres run on separate"
+            " machines; here the kernel's periodic writeback of the stream's files can delay"
+            " Postgres's WAL flushes by tens of ms. A directory on another disk, or on tmpfs"
+            " (/dev/shm) to emulate one, measures without that interference"
+        ),
+    )
 
 
 def progress(message: str, *, started: float) -> None:

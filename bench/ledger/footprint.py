@@ -248,7 +248,7 @@ class Footprint:
         return _probe.take(
             database_url=self.cluster.database_url,
             nats_url=self.cluster.nats_server.url,
-            nats_store=self.cluster.root / "nats",
+            nats_store=self.cluster.nats_server.data_dir,
             components=self.components(),
         )
 
@@ -674,7 +674,10 @@ def _one_system(
     progress(f"{variant}: starting NATS, Postgres (durable) and the ledger", started=started)
     ledger_env = dict(args.ledger_env) | {SNAPSHOT_EVERY_SETTING: str(args.snapshot_every)}
     cluster = Cluster.start(
-        args.partitions, ledger_env, POSTGRES_SETTINGS | dict(args.postgres_setting)
+        args.partitions,
+        ledger_env,
+        POSTGRES_SETTINGS | dict(args.postgres_setting),
+        nats_store_dir=args.nats_store_dir,
     )
     workers: WorkerPool[AnyJob, JobResult] | None = None
     try:
