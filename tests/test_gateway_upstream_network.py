@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from spendgate_gateway._upstream_network import (
     READ_BUFFER_HIGH,
+    BoundedTransport,
     UpstreamNetwork,
     UpstreamStream,
     sniffio_knows_asyncio,
@@ -404,3 +405,73 @@ def test_sniffio_knows_asyncio_inside_and_restores_the_previous_name(
         # No loop runs in this (synchronous) test: sniffio must not claim one any more.
         with pytest.raises(sniffio.AsyncLibraryNotFoundError):
             sniffio.current_async_library()
+
+
+# ------------------------------------------------------------------------- bounded transport
+
+
+def _bounded_client(base_url: str, *, limit: int, pool_timeout_s: float) -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    return httpx.AsyncClient(
+        base_url=base_url,
+        transport=BoundedTransport(use_upstream_network(transport), limit),
+        timeout=httpx.Timeout(CLIENT_TIMEOUT_S, pool=pool_timeout_s),
+        trust_env=False,
+    )
+
+
+async def test_the_bounded_transport_lets_limit_requests_in_and_queues_the_rest() -> None:
+    inside = 0
+    most_inside = 0
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal inside, most_inside
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            inside += 1
+            most_inside = max(most_inside, inside)
+            await asyncio.sleep(0.02)
+            inside -= 1
+            writer.write(_response(b"ok"))
+            await writer.drain()
+
+    async with (
+        _serve(slow) as upstream,
+        _bounded_client(upstream.url, limit=2, pool_timeout_s=CLIENT_TIMEOUT_S) as client,
+    ):
+        responses = await asyncio.gather(*(client.get("/") for _ in range(8)))
+    assert [response.text for response in responses] == ["ok"] * 8
+    assert most_inside == 2
+    assert upstream.connections_accepted == 2
+
+
+async def test_a_slot_is_held_until_the_response_is_closed() -> None:
+    async with (
+        _serve(_keeps_alive) as upstream,
+        _bounded_client(upstream.url, limit=1, pool_timeout_s=SHORT_READ_TIMEOUT_S) as client,
+    ):
+        request = client.build_request("GET", "/")
+        streamed = await client.send(request, stream=True)
+        # The only slot is taken by a response not yet closed: the next call times out in
+        # the bounded transport's queue, as an httpx pool timeout (nothing was sent).
+        with pytest.raises(httpx.PoolTimeout):
+            await client.get("/")
+        await streamed.aread()
+        await streamed.aclose()
+        assert (await client.get("/")).text == "ok"
+        assert upstream.connections_accepted == 1
+
+
+async def test_a_failed_request_gives_its_slot_back() -> None:
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    async with _bounded_client(
+        f"http://127.0.0.1:{port}", limit=1, pool_timeout_s=SHORT_READ_TIMEOUT_S
+    ) as client:
+        for _ in range(3):  # a leaked slot would turn the second into a PoolTimeout
+            with pytest.raises(httpx.ConnectError):
+                await client.get("/")

@@ -29,7 +29,11 @@ from spendgate_gateway._reservations import DirectReservations
 from spendgate_gateway._responses import error_response, json_response
 from spendgate_gateway._settings import GatewaySettings
 from spendgate_gateway._telemetry import GatewayTelemetry, ServerSpans
-from spendgate_gateway._upstream_network import sniffio_knows_asyncio, use_upstream_network
+from spendgate_gateway._upstream_network import (
+    BoundedTransport,
+    sniffio_knows_asyncio,
+    use_upstream_network,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -47,7 +51,10 @@ def _upstream_client(
             settings.upstream_connections_max, settings.upstream_keepalive_max
         ),
     )
-    transport = use_upstream_network(httpx.AsyncHTTPTransport(limits=limits, trust_env=False))
+    transport = BoundedTransport(
+        use_upstream_network(httpx.AsyncHTTPTransport(limits=limits, trust_env=False)),
+        settings.upstream_connections_max,
+    )
     return httpx.AsyncClient(
         base_url=base_url,
         # Timed and traced per vendor when telemetry is on (the limits live in it).
