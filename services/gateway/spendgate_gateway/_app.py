@@ -101,6 +101,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) ->
             partition_count=settings.common.partition_count,
             timeout=settings.ledger_timeout,
             inflight_max=settings.ledger_inflight_per_partition_max,
+            linger=settings.settle_linger,
             observer=observed.ledger_observer(),
         )
         clients = {

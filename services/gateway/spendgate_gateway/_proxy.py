@@ -329,7 +329,9 @@ class Proxy:
     async def _settle(self, command: Commit | Release | MarkUnknown) -> None:
         for attempt in range(1, SETTLE_ATTEMPTS_MAX + 1):
             try:
-                result = await self._ledger.execute(command)
+                # Nobody waits for a settle: it rides along with the partition's next
+                # command (or leaves after the client's linger).
+                result = await self._ledger.execute(command, linger=True)
             except LedgerUnavailableError as error:
                 _log.warning(
                     "settle attempt %d of %s failed: %s", attempt, command.reservation_id, error

@@ -38,6 +38,9 @@ class GatewaySettings:
     ledger_timeout: timedelta
     # Requests in flight to the ledger per partition; beyond it calls are coalesced.
     ledger_inflight_per_partition_max: int
+    # How long a proxied call's settle may wait to ride along with the partition's next
+    # ledger command (0: sent at once).
+    settle_linger: timedelta
     body_bytes_max: int
     key_ttl_default: timedelta
     upstream_connect_timeout: timedelta
@@ -83,6 +86,9 @@ class GatewaySettings:
             ),
             ledger_inflight_per_partition_max=env.integer(
                 "SPENDGATE_GATEWAY_LEDGER_INFLIGHT_MAX", 4, minimum=1, maximum=64
+            ),
+            settle_linger=env.milliseconds(
+                "SPENDGATE_GATEWAY_SETTLE_LINGER_MS", 5, minimum=0, maximum=1_000
             ),
             body_bytes_max=env.integer(
                 "SPENDGATE_GATEWAY_BODY_BYTES_MAX", 1_048_576, minimum=1_024, maximum=64 * 1_048_576
