@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
+import msgspec
 import pytest
 
 from spendgate_auditor._chain import GENESIS_LINK, ChainHead, link
@@ -17,12 +18,21 @@ from spendgate_auditor._plan import (
     Gap,
     conflicting_duplicates,
     links_needed,
-    parse_delivery,
+    parse_deliveries,
     plan_batch,
 )
 from spendgate_auditor._verifier import HeadRow, PartitionVerifier, ProblemKind
+from spendgate_common.event_messages_v2 import StreamedEvent, encode_events, message_headers
 from spendgate_common.events_v1 import decode_event, encode_event
-from spendgate_common.subjects import HEADER_PARTITION, HEADER_SEQ, events_subject
+from spendgate_common.subjects import (
+    HEADER_FIRST_SEQ,
+    HEADER_LAST_SEQ,
+    HEADER_PARTITION,
+    HEADER_SEQ,
+    HEADER_TRACEPARENT,
+    events_subject,
+    events_v1_subject,
+)
 
 # Canonical bytes of two ReservationReleased events (round-trip checked below).
 BODY_1 = (
@@ -94,35 +104,76 @@ def test_a_head_at_seq_zero_must_be_genesis() -> None:
         ChainHead(7, 0, bytes.fromhex(LINK_1_HEX))
 
 
-# --------------------------------------------------------------------- parse_delivery
+# ------------------------------------------------------------------- parse_deliveries
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def _headers(partition: str, seq: str) -> dict[str, str]:
+def _run_body(first_seq: int, bodies: list[bytes], traceparent: str | None = None) -> bytes:
+    return encode_events(
+        [
+            StreamedEvent(first_seq + index, msgspec.Raw(body), traceparent if index else None)
+            for index, body in enumerate(bodies)
+        ]
+    )
+
+
+def test_parse_deliveries_reads_a_run_of_events_with_their_own_bytes() -> None:
+    body = _run_body(41, [BODY_1, BODY_2], TRACEPARENT)
+    deliveries = parse_deliveries(events_subject(3), message_headers(3, 41, 42), body, 5)
+    assert deliveries == [
+        Delivery(3, 41, BODY_1, 5),
+        Delivery(3, 42, BODY_2, 5, TRACEPARENT),
+    ]
+
+
+def test_parse_deliveries_reads_version_1_messages() -> None:
+    headers = {HEADER_PARTITION: "3", HEADER_SEQ: "42", HEADER_TRACEPARENT: TRACEPARENT}
+    deliveries = parse_deliveries(events_v1_subject(3), headers, BODY_1, 5)
+    assert deliveries == [Delivery(3, 42, BODY_1, 5, TRACEPARENT)]
+
+
+def _v1_headers(partition: str, seq: str) -> dict[str, str]:
     return {HEADER_PARTITION: partition, HEADER_SEQ: seq}
 
 
-def test_parse_delivery_reads_the_relay_headers() -> None:
-    delivery = parse_delivery(events_subject(3), _headers("3", "42"), BODY_1, 5)
-    assert delivery == Delivery(3, 42, BODY_1, 5)
+def _v2_headers(partition: str, first: str, last: str) -> dict[str, str]:
+    return {HEADER_PARTITION: partition, HEADER_FIRST_SEQ: first, HEADER_LAST_SEQ: last}
+
+
+TWO = _run_body(1, [BODY_1, BODY_2])
 
 
 @pytest.mark.parametrize(
-    ("subject", "headers"),
+    ("subject", "headers", "body"),
     [
-        (events_subject(3), None),
-        (events_subject(3), {HEADER_PARTITION: "3"}),
-        (events_subject(3), _headers("3", "0")),
-        (events_subject(3), _headers("3", "-1")),
-        (events_subject(3), _headers("x", "1")),
-        (events_subject(3), _headers("3", "9" * 30)),
-        (events_subject(4), _headers("3", "1")),  # header disagrees with the subject
-        (events_subject(99_999), _headers("99999", "1")),  # beyond the partition bound
+        (events_v1_subject(3), None, BODY_1),
+        (events_v1_subject(3), {HEADER_PARTITION: "3"}, BODY_1),
+        (events_v1_subject(3), _v1_headers("3", "0"), BODY_1),
+        (events_v1_subject(3), _v1_headers("3", "-1"), BODY_1),
+        (events_v1_subject(3), _v1_headers("x", "1"), BODY_1),
+        (events_v1_subject(3), _v1_headers("3", "9" * 30), BODY_1),
+        (events_v1_subject(4), _v1_headers("3", "1"), BODY_1),  # header disagrees
+        (events_v1_subject(99_999), _v1_headers("99999", "1"), BODY_1),  # beyond the bound
+        (events_subject(3), None, TWO),
+        (events_subject(3), _v2_headers("3", "1", ""), TWO),
+        (events_subject(3), _v2_headers("3", "0", "1"), TWO),
+        (events_subject(3), _v2_headers("3", "2", "1"), TWO),  # last before first
+        (events_subject(3), _v2_headers("3", "1", "3"), TWO),  # a seq missing from the body
+        (events_subject(3), _v2_headers("3", "2", "3"), TWO),  # body seqs are not these
+        (events_subject(4), _v2_headers("3", "1", "2"), TWO),  # header disagrees
+        (events_subject(3), _v2_headers("3", "1", "2"), BODY_1),  # not an array of events
+        (events_subject(3), _v2_headers("3", "1", "2"), b"[1,2]"),
+        (events_subject(3), _v2_headers("3", "1", "2"), b"not json"),
+        (events_subject(3), _v2_headers("3", "1", "200"), _run_body(1, [BODY_1] * 200)),
+        (f"{events_subject(3)}.x", _v2_headers("3", "1", "2"), TWO),
+        ("elsewhere", _v2_headers("3", "1", "2"), TWO),
     ],
 )
-def test_parse_delivery_refuses_malformed_messages(
-    subject: str, headers: dict[str, str] | None
+def test_parse_deliveries_refuses_malformed_messages(
+    subject: str, headers: dict[str, str] | None, body: bytes
 ) -> None:
-    assert parse_delivery(subject, headers, BODY_1, 0) is None
+    assert parse_deliveries(subject, headers, body, 0) is None
 
 
 # ------------------------------------------------------------------------- plan_batch
@@ -167,6 +218,24 @@ def test_plan_holds_a_gap_and_everything_after_it_in_that_partition_only() -> No
     assert [(d.partition, d.seq) for d in plan.held] == [(1, 4), (1, 5)]
     assert [(g.partition, g.expected_seq, g.received_seq) for g in plan.gaps] == [(1, 3, 4)]
     assert plan.settled_tokens() == [0, 2, 4]  # chained and duplicate, never held
+
+
+def test_a_message_is_acked_only_when_none_of_its_events_is_held() -> None:
+    # Message 0 carries seqs 2-3, message 1 seqs 5-6 (beyond a gap), message 2 carries 3
+    # again (a redelivery) and 7: a message is settled or handed back whole.
+    deliveries = [
+        Delivery(1, 2, _body(1, 2), 0),
+        Delivery(1, 3, _body(1, 3), 0),
+        Delivery(1, 5, _body(1, 5), 1),
+        Delivery(1, 6, _body(1, 6), 1),
+        Delivery(1, 3, _body(1, 3), 2),
+        Delivery(1, 7, _body(1, 7), 2),
+    ]
+    plan = plan_batch({1: _head(1, 1)}, deliveries)
+    assert [row.seq for row in plan.links] == [2, 3]
+    assert [d.seq for d in plan.duplicates] == [3]
+    assert plan.settled_tokens() == [0]
+    assert plan.held_tokens() == [1, 2]
 
 
 def test_plan_never_moves_a_head_past_a_gap() -> None:

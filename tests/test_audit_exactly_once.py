@@ -1,8 +1,9 @@
 """Exactly once: an auditor killed with SIGKILL in the middle of a batch, and restarted.
 
 Events are written as the ledger writes them (a row in ``events``, then a JetStream
-publish with the relay's headers): per partition a key, then a repeating, realistic
-cycle of grants, commits (with overruns), releases, denials and expiries.
+publish of version 2 messages, runs of 16 events, with the relay's headers): per
+partition a key, then a repeating, realistic cycle of grants, commits (with overruns),
+releases, denials and expiries.
 
 The first kill is deterministic: the test holds a SHARE lock on the finance outbox (reads
 pass, writes wait), so the
@@ -23,11 +24,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import msgspec
 import nats
 import pytest
 from nats.js import JetStreamContext
 
 from spendgate_auditor import verify
+from spendgate_common.event_messages_v2 import (
+    StreamedEvent,
+    encode_events,
+    message_headers,
+    split_runs,
+)
 from spendgate_common.events_v1 import (
     AnyEvent,
     KeyIssued,
@@ -43,17 +51,15 @@ from spendgate_common.migrate import apply_migrations
 from spendgate_common.nats_adapter import ensure_events_stream
 from spendgate_common.subjects import (
     FINANCE_STREAM,
-    HEADER_MSG_ID,
-    HEADER_PARTITION,
-    HEADER_SEQ,
-    event_msg_id,
     events_subject,
 )
+from spendgate_ledger._store import EventRow
 from tests.harness import start_service
 from tests.test_audit_rollups import event_totals, rollup_totals
 
 PARTITIONS = range(4)
 EVENTS_PER_PARTITION = 401  # the key, then 50 cycles of 8
+EVENTS_PER_APPEND = 16
 DEADLINE_S = 30.0
 POLL_INTERVAL_S = 0.02
 AT_MS = 1_700_000_000_000
@@ -131,13 +137,12 @@ async def write_events(connection: asyncpg.Connection[Any], jetstream: JetStream
         await connection.copy_records_to_table(
             "events", columns=("partition", "seq", "epoch", "type", "body"), records=records
         )
+        # As appends of 16 events each: a message carries a run of 16.
+        rows = [EventRow(seq, kind, body) for _, seq, _, kind, body in records]
         acks = []
-        for _, seq, _, _, body in records:
-            headers = {
-                HEADER_MSG_ID: event_msg_id(partition, seq),
-                HEADER_PARTITION: str(partition),
-                HEADER_SEQ: str(seq),
-            }
+        for run in split_runs(rows, events_max=EVENTS_PER_APPEND):
+            headers = message_headers(partition, run[0].seq, run[-1].seq)
+            body = encode_events([StreamedEvent(row.seq, msgspec.Raw(row.body)) for row in run])
             acks.append(
                 await jetstream.publish_async(events_subject(partition), body, headers=headers)
             )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import nats
 import pytest
 from nats.js import JetStreamContext
@@ -30,10 +31,18 @@ from spendgate_auditor import (
     verify,
     verify_main,
 )
+from spendgate_auditor._service import TRANSACTION_EVENTS_MAX
 from spendgate_auditor._signing import Signer
 from spendgate_auditor.verify import ProblemKind
 from spendgate_cli.embedded import EmbeddedNats, EmbeddedPostgres
+from spendgate_common.event_messages_v2 import (
+    StreamedEvent,
+    encode_events,
+    message_headers,
+    split_runs,
+)
 from spendgate_common.events_v1 import KeyIssued, ReservationGranted, encode_event
+from spendgate_common.limits import EVENT_MESSAGE_EVENTS_MAX
 from spendgate_common.migrate import apply_migrations
 from spendgate_common.nats_adapter import ensure_events_stream
 from spendgate_common.settings import Env
@@ -41,9 +50,11 @@ from spendgate_common.subjects import (
     HEADER_MSG_ID,
     HEADER_PARTITION,
     HEADER_SEQ,
-    event_msg_id,
+    event_v1_msg_id,
     events_subject,
+    events_v1_subject,
 )
+from spendgate_ledger._store import EventRow
 from tests.harness import start_service
 
 # Bounds of the waits in these tests: long enough for a slow CI machine, short enough to
@@ -113,22 +124,42 @@ class EventLog:
         )
 
     async def publish(
-        self, partition: int, seqs: range, *, body: bytes | None = None, msg_id: str | None = None
+        self,
+        partition: int,
+        seqs: range,
+        *,
+        body: bytes | None = None,
+        msg_id: str | None = None,
+        v1: bool = False,
     ) -> None:
-        """Publish ``seqs`` of ``partition`` with the relay's headers and message ids."""
-        for seq in seqs:
-            headers = {
-                HEADER_MSG_ID: msg_id or event_msg_id(partition, seq),
-                HEADER_PARTITION: str(partition),
-                HEADER_SEQ: str(seq),
-            }
-            payload = body if body is not None else event_body(partition, seq)
+        """Publish ``seqs`` of ``partition`` as the relay does: version 2 messages of up
+        to 128 events (``v1``: one version 1 message per event, as ledgers did before).
+        ``body`` replaces every event's bytes, ``msg_id`` every message id."""
+        rows = [
+            EventRow(seq, "ReservationGranted", body or event_body(partition, seq)) for seq in seqs
+        ]
+        for run in [[row] for row in rows] if v1 else split_runs(rows):
+            first, last = run[0].seq, run[-1].seq
+            if v1:
+                subject = events_v1_subject(partition)
+                headers = {
+                    HEADER_MSG_ID: event_v1_msg_id(partition, first),
+                    HEADER_PARTITION: str(partition),
+                    HEADER_SEQ: str(first),
+                }
+                payload = run[0].body
+            else:
+                subject = events_subject(partition)
+                headers = message_headers(partition, first, last)
+                payload = encode_events(
+                    [StreamedEvent(row.seq, msgspec.Raw(row.body)) for row in run]
+                )
+            if msg_id is not None:
+                headers[HEADER_MSG_ID] = msg_id
             # Retried like the relay retries: the message id makes a repeat harmless.
             for attempt in range(PUBLISH_ATTEMPTS_MAX):
                 try:
-                    await self.jetstream.publish(
-                        events_subject(partition), payload, headers=headers, timeout=1.0
-                    )
+                    await self.jetstream.publish(subject, payload, headers=headers, timeout=1.0)
                     break
                 except (nats.errors.Error, TimeoutError):
                     if attempt + 1 == PUBLISH_ATTEMPTS_MAX:
@@ -264,6 +295,51 @@ async def test_republished_events_do_not_take_effect_twice(
     assert any("seq 4 was redelivered with bytes that differ" in m for m in caplog.messages)
     info = await event_log.jetstream.consumer_info("SPENDGATE_EVENTS", "spendgate-auditor")
     assert info.num_ack_pending == 0
+
+
+async def test_overlapping_runs_take_effect_once_per_event(
+    event_log: EventLog, database_url: str, nats_url: str
+) -> None:
+    # A log restored elsewhere, say, cut into other runs when republished: the second
+    # message repeats seqs 5-10 of the first and carries 11-15 after them.
+    await event_log.record(4, range(1, 16))
+    await event_log.publish(4, range(1, 11))
+    await event_log.publish(4, range(5, 16))
+    async with running_auditor(database_url, nats_url):
+        await wait_chained(event_log.connection, {4: 15})
+        info = await event_log.jetstream.consumer_info("SPENDGATE_EVENTS", "spendgate-auditor")
+        assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+    assert await row_counts(event_log.connection) == (15, 15)
+    assert (await verify(database_url)).ok
+
+
+async def test_version_1_messages_still_chain_before_and_after_version_2(
+    event_log: EventLog, database_url: str, nats_url: str
+) -> None:
+    # Ledgers upgraded while their last version 1 messages were still in the stream.
+    await event_log.record(9, range(1, 21))
+    await event_log.publish(9, range(1, 8), v1=True)
+    await event_log.publish(9, range(8, 21))
+    async with running_auditor(database_url, nats_url):
+        await wait_chained(event_log.connection, {9: 20})
+
+    assert await row_counts(event_log.connection) == (20, 20)
+    assert (await verify(database_url)).ok
+
+
+async def test_a_fetch_of_long_runs_is_chained_in_bounded_transactions(
+    event_log: EventLog, database_url: str, nats_url: str
+) -> None:
+    # 40 full messages of 128 events: more than one transaction's worth in one fetch.
+    events = 40 * EVENT_MESSAGE_EVENTS_MAX
+    assert events > TRANSACTION_EVENTS_MAX
+    await event_log.append(8, range(1, events + 1))
+    async with running_auditor(database_url, nats_url, SPENDGATE_AUDITOR_FETCH_MESSAGES_MAX="64"):
+        await wait_chained(event_log.connection, {8: events})
+
+    assert await row_counts(event_log.connection) == (events, events)
+    assert (await verify(database_url)).ok
 
 
 async def test_a_gap_holds_the_partition_until_the_missing_event_arrives(

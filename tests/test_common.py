@@ -70,10 +70,12 @@ def test_partitions_spread_tenants() -> None:
 
 def test_subjects_carry_the_version() -> None:
     assert subjects.ledger_command_subject(5) == "spendgate.v1.ledger.5.cmd"
-    assert subjects.events_subject(5) == "spendgate.v1.events.5"
-    assert subjects.event_msg_id(5, 42) == "5:42"
+    assert subjects.events_subject(5) == "spendgate.v2.events.5"
+    assert subjects.events_msg_id(5, 42, 47) == "5:42-47"
+    assert subjects.events_v1_subject(5) == "spendgate.v1.events.5"
+    assert subjects.event_v1_msg_id(5, 42) == "5:42"
     assert subjects.EVENTS_STREAM == "SPENDGATE_EVENTS"
-    assert subjects.EVENTS_SUBJECT_WILDCARD == "spendgate.v1.events.>"
+    assert subjects.EVENTS_SUBJECTS == ["spendgate.v2.events.>", "spendgate.v1.events.>"]
 
 
 # ------------------------------------------------------------------------- vault keys

@@ -17,7 +17,7 @@ from deploy import check
 from deploy.ops import ensure_stream, ledger_probe
 from deploy.ops.ledger_probe import ReplicaView, judge
 from spendgate_common.settings import StreamSettings
-from spendgate_common.subjects import EVENTS_STREAM, EVENTS_SUBJECT_WILDCARD
+from spendgate_common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from tests.harness import ServiceFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,14 +201,14 @@ async def test_stream_setup_creates_the_stream_idempotently(nats_url: str) -> No
     week = StreamSettings(replicas=1, max_age=timedelta(days=7))
     first = await ensure_stream.ensure_stream(nats_url, week)
     second = await ensure_stream.ensure_stream(nats_url, week)
-    assert first.startswith(f"stream {EVENTS_STREAM}: subjects {EVENTS_SUBJECT_WILDCARD}")
+    assert first.startswith(f"stream {EVENTS_STREAM}: subjects {', '.join(EVENTS_SUBJECTS)}")
     assert second == first
     client = await nats.connect(nats_url)
     try:
         info = await client.jetstream().stream_info(EVENTS_STREAM)
     finally:
         await client.close()
-    assert info.config.subjects == [EVENTS_SUBJECT_WILDCARD]
+    assert info.config.subjects == EVENTS_SUBJECTS
     # What the settings say, not the library's defaults (each start applies them again).
     assert info.config.max_age == timedelta(days=7).total_seconds()
     assert (info.config.num_replicas or 1) == 1

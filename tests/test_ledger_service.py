@@ -62,17 +62,12 @@ from spendgate_common.migrate import load_migrations
 from spendgate_common.partitioning import partition_for_tenant
 from spendgate_common.settings import Env
 from spendgate_common.subjects import (
-    EVENTS_STREAM,
-    EVENTS_SUBJECT_WILDCARD,
-    HEADER_MSG_ID,
-    HEADER_PARTITION,
-    HEADER_SEQ,
-    events_subject,
     ledger_command_subject,
 )
 from spendgate_common.vault_keys import VaultKey, new_vault_key
 from spendgate_ledger import LedgerService, LedgerSettings
 from spendgate_ledger import _service as ledger_service_module
+from tests.event_stream import read_stream_events
 from tests.harness import ServiceProcess, start_service
 
 PARTITION_COUNT = 8
@@ -297,26 +292,6 @@ async def eventually(
     return time.monotonic() - started
 
 
-async def published_events(connection: NatsClient, count: int) -> list[Any]:
-    """Read ``count`` messages of the events stream with an ephemeral pull consumer."""
-    subscription = await connection.jetstream().pull_subscribe(
-        EVENTS_SUBJECT_WILDCARD, stream=EVENTS_STREAM
-    )
-    messages: list[Any] = []
-    started = time.monotonic()
-    while len(messages) < count:
-        assert time.monotonic() - started < EVENTUALLY_S, f"{len(messages)} of {count} published"
-        with contextlib.suppress(nats.errors.TimeoutError):
-            messages += await subscription.fetch(count - len(messages), timeout=0.5)
-    try:
-        extra = await subscription.fetch(1, timeout=0.3)
-    except nats.errors.TimeoutError:
-        extra = []
-    assert extra == [], "more events published than expected"
-    await subscription.unsubscribe()
-    return messages
-
-
 # -------------------------------------------------------------------------- tests
 
 
@@ -404,7 +379,7 @@ async def test_events_are_durable_ordered_and_published(
             return all(row["published_seq"] == len(logs.get(row["partition"], [])) for row in rows)
 
         await eventually(watermarks_caught_up, "outbox watermarks")
-        messages = await published_events(client.connection, 16)
+        published = await read_stream_events(nats_url)
 
     leases = await database.fetch("SELECT partition, epoch, last_seq FROM partition_leases")
     assert len(leases) == PARTITION_COUNT
@@ -416,14 +391,16 @@ async def test_events_are_durable_ordered_and_published(
     }
     assert {epoch for _, epoch in bodies.values()} == {1}
     seen: dict[int, list[int]] = {}
-    for message in messages:
-        partition = int(message.headers[HEADER_PARTITION])
-        seq = int(message.headers[HEADER_SEQ])
-        assert message.headers[HEADER_MSG_ID] == f"{partition}:{seq}"
-        assert message.subject == events_subject(partition)
-        assert message.data == bodies[(partition, seq)][0]
-        seen.setdefault(partition, []).append(seq)
+    for event in published:
+        assert event.body == bodies[(event.partition, event.seq)][0]
+        seen.setdefault(event.partition, []).append(event.seq)
     assert seen == {partition: list(range(1, 9)) for partition in logs}
+    # One message per appended batch: the key, three reserves sent in one request, the
+    # commit, the release, and the two denials sent in one request.
+    runs: dict[str, int] = {}
+    for event in published:
+        runs[event.msg_id] = runs.get(event.msg_id, 0) + 1
+    assert sorted(runs.values()) == sorted([1, 3, 1, 1, 2] * 2)
 
 
 async def test_concurrent_reserves_never_exceed_the_cap(

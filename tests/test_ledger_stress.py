@@ -51,7 +51,6 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from spendgate_cli.embedded import EmbeddedNats, EmbeddedPostgres
 from spendgate_common.events_v1 import (
@@ -79,16 +78,11 @@ from spendgate_common.ledger_v1 import (
 )
 from spendgate_common.partitioning import partition_for_tenant
 from spendgate_common.subjects import (
-    EVENTS_STREAM,
-    EVENTS_SUBJECT_WILDCARD,
-    HEADER_MSG_ID,
-    HEADER_SEQ,
-    event_msg_id,
-    events_subject,
     ledger_command_subject,
 )
 from spendgate_common.vault_keys import VaultKey, new_vault_key
 from tests import harness
+from tests.event_stream import read_stream_events
 from tests.harness import ServiceFactory, ServiceProcess
 from tests.ledger_load import (
     AMBIGUOUS_CODES,
@@ -624,43 +618,16 @@ async def check_stream(database_url: str, nats_url: str, log: LogFacts) -> None:
         return all(row["published_seq"] == last_seqs.get(row["partition"], 0) for row in rows)
 
     await eventually(watermarks_caught_up, "the relays to publish everything")
-    expected = {event_msg_id(p, seq): body for (p, seq), (_, body) in log.rows.items()}
-    seen = await read_stream(nats_url)
-    missing = sorted(set(expected) - set(seen))
+    published: dict[tuple[int, int], bytes] = {}
+    for event in await read_stream_events(nats_url):
+        where = (event.partition, event.seq)
+        assert where not in published, f"{where} stored twice ({event.msg_id})"
+        published[where] = event.body
+    missing = sorted(set(log.rows) - set(published))
     assert not missing, f"{len(missing)} events never published, e.g. {missing[:10]}"
-    assert len(seen) == len(expected), "the stream holds events that are not in the log"
-    for msg_id, body in expected.items():
-        assert seen[msg_id] == body, f"{msg_id} published with other bytes"
-
-
-async def read_stream(nats_url: str) -> dict[str, bytes]:
-    """Every message of SPENDGATE_EVENTS by Nats-Msg-Id, checked to be there once."""
-    connection = await nats.connect(nats_url)
-    try:
-        jetstream = connection.jetstream()
-        stored = (await jetstream.stream_info(EVENTS_STREAM)).state.messages
-        config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL)
-        subscription = await jetstream.pull_subscribe(
-            EVENTS_SUBJECT_WILDCARD, stream=EVENTS_STREAM, config=config
-        )
-        seen: dict[str, bytes] = {}
-        started = time.monotonic()
-        while len(seen) < stored:
-            assert time.monotonic() - started < EVENTUALLY_S, f"read {len(seen)} of {stored}"
-            with contextlib.suppress(nats.errors.TimeoutError):
-                for message in await subscription.fetch(1_000, timeout=1):
-                    headers = message.headers
-                    assert headers is not None
-                    msg_id = headers[HEADER_MSG_ID]
-                    assert msg_id not in seen, f"{msg_id} stored twice"
-                    partition, seq = (int(part) for part in msg_id.split(":"))
-                    assert message.subject == events_subject(partition)
-                    assert headers[HEADER_SEQ] == str(seq)
-                    seen[msg_id] = message.data
-        await subscription.unsubscribe()
-    finally:
-        await connection.close()
-    return seen
+    assert len(published) == len(log.rows), "the stream holds events that are not in the log"
+    for where, (_, body) in log.rows.items():
+        assert published[where] == body, f"{where} published with other bytes"
 
 
 async def verify(stress: Stress) -> tuple[LogFacts, ClientFacts]:

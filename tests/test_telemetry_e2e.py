@@ -18,7 +18,12 @@ import httpx
 import nats
 import pytest
 
-from spendgate_common.subjects import HEADER_TRACEPARENT, HEADER_TRACEPARENTS
+from spendgate_common.event_messages_v2 import StreamedEvent, decode_events
+from spendgate_common.subjects import (
+    EVENTS_SUBJECT_WILDCARD,
+    HEADER_TRACEPARENT,
+    HEADER_TRACEPARENTS,
+)
 from tests import harness
 from tests.harness import FAKE_STRIPE_API_KEY, ServiceFactory, Stack, free_port
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -399,15 +404,18 @@ async def test_with_tracing_off_requests_and_events_carry_no_trace_headers(
         header, _, _ = agent_traceparent()
         response = await asyncio.to_thread(charge, stack, issued["key"], 60, header)
         assert response.status_code == 200
-        events = await watcher.jetstream().pull_subscribe("spendgate.v1.events.>", durable=None)
-        messages = await events.fetch(3, timeout=10)
+        events = await watcher.jetstream().pull_subscribe(EVENTS_SUBJECT_WILDCARD, durable=None)
+        published: list[StreamedEvent] = []
+        while len(published) < 3:  # the key, the grant and the commit
+            for message in await events.fetch(3, timeout=10):
+                assert HEADER_TRACEPARENT not in (message.headers or {})
+                published += decode_events(message.data)
     finally:
         await watcher.close()
     assert seen, "no ledger request observed"
     for headers in seen:
         assert not headers or not {HEADER_TRACEPARENT, HEADER_TRACEPARENTS} & set(headers)
-    for message in messages:
-        assert HEADER_TRACEPARENT not in (message.headers or {})
+    assert [event.traceparent for event in published] == [None] * len(published)
     # Metrics stay on without a collector: /metrics answers with the decision counters.
     exposition = httpx.get(f"{stack.gateway_url}/metrics", timeout=10).text
     assert "spendgate_decisions_total{" in exposition

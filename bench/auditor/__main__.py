@@ -23,17 +23,18 @@ from bench._results import RESULTS_DIR, write_results
 from bench.auditor._events import partition_events
 from spendgate_cli.embedded import EmbeddedNats, EmbeddedPostgres
 from spendgate_cli.services import ServiceProcess, service_argv
+from spendgate_common.event_messages_v2 import (
+    StreamedEvent,
+    encode_events,
+    message_headers,
+    split_runs,
+)
 from spendgate_common.events_v1 import encode_event
+from spendgate_common.limits import EVENT_MESSAGE_EVENTS_MAX
 from spendgate_common.migrate import apply_migrations
 from spendgate_common.nats_adapter import ensure_events_stream
-from spendgate_common.subjects import (
-    FINANCE_STREAM,
-    HEADER_MSG_ID,
-    HEADER_PARTITION,
-    HEADER_SEQ,
-    event_msg_id,
-    events_subject,
-)
+from spendgate_common.subjects import FINANCE_STREAM, events_subject
+from spendgate_ledger._store import EventRow
 
 # The issue's acceptance criterion (issue 5, item 7).
 CATCH_UP_S_MAX = 30.0
@@ -46,6 +47,7 @@ CATCH_UP_DEADLINE_S = 600.0
 class Result(msgspec.Struct, frozen=True):
     events: int
     partitions: int
+    events_per_message: int
     fetch_messages_max: int
     catch_up_s: float
     events_per_s: float
@@ -67,6 +69,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=64)
     parser.add_argument("--fetch-messages-max", type=int, default=512)
+    parser.add_argument(
+        "--events-per-message",
+        type=int,
+        default=1,
+        choices=range(1, EVENT_MESSAGE_EVENTS_MAX + 1),
+        metavar=f"1..{EVENT_MESSAGE_EVENTS_MAX}",
+        help="events per stream message, as the ledger's appended batches carry them: 1 is"
+        " a thinly spread fleet (every append one event), the worst case for the auditor;"
+        f" {EVENT_MESSAGE_EVENTS_MAX} a hot partition",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return parser.parse_args(argv)
 
@@ -75,8 +87,11 @@ def progress(message: str, started: float) -> None:
     print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-async def load(database_url: str, nats_url: str, events: int, partitions: int) -> None:
-    """Fill the events table (COPY) and the stream (windows of async publishes)."""
+async def load(
+    database_url: str, nats_url: str, events: int, partitions: int, events_per_message: int
+) -> None:
+    """Fill the events table (COPY) and the stream (windows of async publishes of version 2
+    messages, ``events_per_message`` events each)."""
     connection: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
     client = await nats.connect(nats_url)
     try:
@@ -93,17 +108,16 @@ async def load(database_url: str, nats_url: str, events: int, partitions: int) -
                 columns=("partition", "seq", "epoch", "type", "body"),
                 records=[(partition, seq, 1, "x", body) for seq, body in enumerate(bodies, 1)],
             )
-            for start in range(0, len(bodies), PUBLISH_WINDOW):
+            rows = [EventRow(seq, "x", body) for seq, body in enumerate(bodies, 1)]
+            runs = list(split_runs(rows, events_max=events_per_message))
+            for start in range(0, len(runs), PUBLISH_WINDOW):
                 acks = []
-                for seq in range(start + 1, min(len(bodies), start + PUBLISH_WINDOW) + 1):
-                    headers = {
-                        HEADER_MSG_ID: event_msg_id(partition, seq),
-                        HEADER_PARTITION: str(partition),
-                        HEADER_SEQ: str(seq),
-                    }
+                for run in runs[start : start + PUBLISH_WINDOW]:
+                    headers = message_headers(partition, run[0].seq, run[-1].seq)
+                    body = encode_events([StreamedEvent(r.seq, msgspec.Raw(r.body)) for r in run])
                     acks.append(
                         await jetstream.publish_async(
-                            events_subject(partition), bodies[seq - 1], headers=headers
+                            events_subject(partition), body, headers=headers
                         )
                     )
                 await asyncio.gather(*acks)
@@ -157,6 +171,7 @@ async def time_catch_up(
     return Result(
         events=args.events,
         partitions=args.partitions,
+        events_per_message=args.events_per_message,
         fetch_messages_max=args.fetch_messages_max,
         catch_up_s=round(catch_up_s, 3),
         events_per_s=round(args.events / catch_up_s, 1),
@@ -178,7 +193,8 @@ def print_table(result: Result) -> None:
     rows = [
         ("events", f"{result.events:,}"),
         ("partitions", str(result.partitions)),
-        ("batch (fetch) size", str(result.fetch_messages_max)),
+        ("events per message", str(result.events_per_message)),
+        ("batch (fetch) size", f"{result.fetch_messages_max} messages"),
         ("catch-up time", f"{result.catch_up_s:.2f} s (limit {CATCH_UP_S_MAX:.0f} s)"),
         ("throughput", f"{result.events_per_s:,.0f} events/s"),
         ("process start to first link", f"{result.start_to_first_chain_s:.2f} s"),
@@ -205,7 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         postgres.create_database(DATABASE)
         database_url = postgres.url(DATABASE)
         progress(f"loading {args.events:,} events into Postgres and JetStream", started)
-        asyncio.run(load(database_url, nats_server.url, args.events, args.partitions))
+        asyncio.run(
+            load(
+                database_url,
+                nats_server.url,
+                args.events,
+                args.partitions,
+                args.events_per_message,
+            )
+        )
         progress("starting the auditor", started)
         result = asyncio.run(time_catch_up(database_url, nats_server.url, args, started))
     finally:

@@ -43,3 +43,10 @@ QUERY_PAGE_ITEMS_MAX = 200
 QUERY_PAGE_ITEMS_DEFAULT = 50
 QUERY_PAGE_BYTES_MAX = 65_536
 QUERY_CURSOR_CHARS_MAX = 1_024
+
+# Event stream messages (spendgate_common.event_messages_v2): most events one message
+# carries, and the body size past which a run is cut (a single larger event travels
+# alone, within NATS's max_payload). A consumer's fetch of N messages holds at most
+# N * EVENT_MESSAGE_EVENTS_MAX events.
+EVENT_MESSAGE_EVENTS_MAX = 128
+EVENT_MESSAGE_BYTES_MAX = 64 * 1024

@@ -21,7 +21,7 @@ from nats.js.errors import BadRequestError
 
 from spendgate_common.errors import LedgerUnavailableError
 from spendgate_common.settings import StreamSettings
-from spendgate_common.subjects import EVENTS_STREAM, EVENTS_SUBJECT_WILDCARD
+from spendgate_common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 
 _log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ async def ensure_events_stream(
     """Create (or update to our configuration) the ``SPENDGATE_EVENTS`` stream."""
     config = StreamConfig(
         name=EVENTS_STREAM,
-        subjects=[EVENTS_SUBJECT_WILDCARD],
+        subjects=list(EVENTS_SUBJECTS),
         duplicate_window=EVENTS_DUPLICATE_WINDOW.total_seconds(),
         num_replicas=stream.replicas,
         max_age=stream.max_age.total_seconds(),

@@ -31,6 +31,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from spendgate_auditor._plan import parse_deliveries
 from spendgate_common.events_v1 import ApprovalRequested, decode_event
 from spendgate_common.money import format_usd
 from spendgate_common.subjects import EVENTS_STREAM
@@ -158,11 +159,8 @@ class ApprovalWebhooks:
                 await asyncio.sleep(ERROR_PAUSE.total_seconds())
                 continue
             for message in messages:
-                if _MARKER in message.data:
-                    event = decode_event(message.data)
-                    if isinstance(event, ApprovalRequested) and not await self._notify(
-                        event, message
-                    ):
+                for event in _approvals_requested(message):
+                    if not await self._notify(event, message):
                         return  # Stopping: unacknowledged, it is sent after a restart.
                 with contextlib.suppress(NatsError):
                     await message.ack()
@@ -205,3 +203,21 @@ class ApprovalWebhooks:
         self.given_up += 1
         _log.error("approval webhook for %s given up; see GET /v1/approvals", event.approval_id)
         return True
+
+
+def _approvals_requested(message: Msg) -> list[ApprovalRequested]:
+    """The approval requests among a message's events (a cheap byte search first: most
+    messages hold none). A malformed message holds none: the chain's consumer reports it."""
+    if _MARKER not in message.data:
+        return []
+    deliveries = parse_deliveries(message.subject, message.headers, message.data, 0) or []
+    requested: list[ApprovalRequested] = []
+    for delivery in deliveries:
+        if _MARKER in delivery.body:
+            try:
+                event = decode_event(delivery.body)
+            except msgspec.DecodeError:
+                continue  # Not rolled up either; the auditor logs it (undecodable).
+            if isinstance(event, ApprovalRequested):
+                requested.append(event)
+    return requested

@@ -1,7 +1,8 @@
 """What one fetched batch of event messages does to the chain heads. Pure: no I/O.
 
-The shell fetches messages from JetStream, turns each into a :class:`Delivery`
-(:func:`parse_delivery`), locks the heads of the partitions involved, and asks
+The shell fetches messages from JetStream, turns each into the :class:`Delivery` of every
+event it carries (:func:`parse_deliveries`: a version 2 message carries a run of events,
+a version 1 message one), locks the heads of the partitions involved, and asks
 :func:`plan_batch` what to do. Per partition, in sequence order, a delivery is
 
 * a duplicate (``seq <= head.seq``): a redelivery of an event already chained; acked
@@ -18,19 +19,35 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from spendgate_auditor._chain import GENESIS_LINK, SEQ_MAX, ChainHead, link
-from spendgate_common.limits import PARTITION_COUNT_MAX
-from spendgate_common.subjects import HEADER_PARTITION, HEADER_SEQ, events_subject
+from spendgate_common.event_messages_v2 import decode_events
+from spendgate_common.limits import EVENT_MESSAGE_EVENTS_MAX, PARTITION_COUNT_MAX
+from spendgate_common.subjects import (
+    EVENTS_SUBJECT_PREFIX,
+    EVENTS_V1_SUBJECT_PREFIX,
+    HEADER_FIRST_SEQ,
+    HEADER_LAST_SEQ,
+    HEADER_PARTITION,
+    HEADER_SEQ,
+    HEADER_TRACEPARENT,
+    events_subject,
+    events_v1_subject,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One event message: ``token`` is its index in the fetched batch (to ack it later)."""
+    """One event of a message: ``token`` is the message's index in the fetched batch (to
+    ack it later; the events of one message share it). ``traceparent``: the ledger span
+    of the command that produced the event, when it was traced."""
 
     partition: int
     seq: int
     body: bytes
     token: int
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,35 +72,77 @@ class BatchPlan:
     heads: dict[int, ChainHead] = field(default_factory=dict)
     gaps: list[Gap] = field(default_factory=list)
 
+    def held_tokens(self) -> list[int]:
+        """Messages to hand back for redelivery: those with an event held behind a gap."""
+        return sorted({delivery.token for delivery in self.held})
+
     def settled_tokens(self) -> list[int]:
-        """Deliveries to ack once the batch has committed: chained ones and duplicates."""
-        return sorted(delivery.token for delivery in self.chained + self.duplicates)
+        """Messages to ack once the batch has committed: every event of theirs chained or
+        a duplicate (a message is acked whole, or redelivered whole)."""
+        settled = {delivery.token for delivery in self.chained + self.duplicates}
+        return sorted(settled.difference(self.held_tokens()))
 
 
-def parse_delivery(
+def parse_deliveries(
     subject: str, headers: Mapping[str, str] | None, body: bytes, token: int
-) -> Delivery | None:
-    """The delivery a message carries, or ``None`` when it is not a well-formed event message.
+) -> list[Delivery] | None:
+    """The events a message carries, or ``None`` when it is not a well-formed event message.
 
-    Well-formed: decimal ``Spendgate-Partition`` (below ``PARTITION_COUNT_MAX``) and
-    ``Spendgate-Seq`` (``1..SEQ_MAX``) headers, published on that partition's subject.
-    The body is not decoded: the chain covers the bytes as published, whatever version.
+    Version 2 (``spendgate.v2.events.<partition>``): ``Spendgate-Partition``,
+    ``Spendgate-First-Seq`` and ``Spendgate-Last-Seq`` headers, and a body holding exactly
+    the events ``first..last`` in order, at most ``EVENT_MESSAGE_EVENTS_MAX`` of them.
+    Version 1 (``spendgate.v1.events.<partition>``, no longer written): ``Spendgate-Seq``,
+    and the event's bytes as the body. Each event's bytes are kept as published, not
+    decoded: the chain covers them, whatever their version.
     """
     if headers is None:
         return None
-    partition_text = headers.get(HEADER_PARTITION, "")
-    seq_text = headers.get(HEADER_SEQ, "")
-    if not (partition_text.isdecimal() and seq_text.isdecimal()):
+    partition = _header_number(headers, HEADER_PARTITION)
+    if partition is None or partition >= PARTITION_COUNT_MAX:
         return None
-    # Bounded before int() so a hostile header cannot cost a huge conversion.
-    if len(partition_text) > 10 or len(seq_text) > 19:
+    if subject == events_subject(partition):
+        return _parse_run(partition, headers, body, token)
+    if subject == events_v1_subject(partition):
+        seq = _header_number(headers, HEADER_SEQ)
+        if seq is None or not 1 <= seq <= SEQ_MAX:
+            return None
+        return [Delivery(partition, seq, body, token, headers.get(HEADER_TRACEPARENT))]
+    return None
+
+
+def is_event_subject(subject: str) -> bool:
+    """Whether ``subject`` is a partition's event subject of either version."""
+    return subject.startswith((f"{EVENTS_SUBJECT_PREFIX}.", f"{EVENTS_V1_SUBJECT_PREFIX}."))
+
+
+def _parse_run(
+    partition: int, headers: Mapping[str, str], body: bytes, token: int
+) -> list[Delivery] | None:
+    first_seq = _header_number(headers, HEADER_FIRST_SEQ)
+    last_seq = _header_number(headers, HEADER_LAST_SEQ)
+    if first_seq is None or last_seq is None or not 1 <= first_seq <= last_seq <= SEQ_MAX:
         return None
-    partition, seq = int(partition_text), int(seq_text)
-    if not (0 <= partition < PARTITION_COUNT_MAX and 1 <= seq <= SEQ_MAX):
+    if last_seq - first_seq >= EVENT_MESSAGE_EVENTS_MAX:
         return None
-    if subject != events_subject(partition):
+    try:
+        events = decode_events(body)
+    except msgspec.DecodeError:
         return None
-    return Delivery(partition, seq, body, token)
+    if [event.seq for event in events] != list(range(first_seq, last_seq + 1)):
+        return None
+    return [
+        Delivery(partition, event.seq, bytes(event.event), token, event.traceparent)
+        for event in events
+    ]
+
+
+def _header_number(headers: Mapping[str, str], name: str) -> int | None:
+    """A header's non-negative decimal value; None when absent or not a short decimal
+    (bounded before ``int()``, so a hostile header cannot cost a huge conversion)."""
+    text = headers.get(name, "")
+    if not text.isdecimal() or len(text) > 19:
+        return None
+    return int(text)
 
 
 def plan_batch(heads: Mapping[int, ChainHead], deliveries: Sequence[Delivery]) -> BatchPlan:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -43,7 +44,7 @@ from spendgate_auditor._chain import ChainHead
 from spendgate_auditor._checkpoints import CheckpointSchedule
 from spendgate_auditor._finance import FinancePublisher, ensure_finance_stream
 from spendgate_auditor._gaps import GapWatch
-from spendgate_auditor._plan import BatchPlan, Delivery, parse_delivery
+from spendgate_auditor._plan import BatchPlan, Delivery, parse_deliveries
 from spendgate_auditor._settings import AuditorSettings
 from spendgate_auditor._signing import Signer
 from spendgate_auditor._store import AuditStore, BatchOutcome, CheckpointRow
@@ -67,6 +68,9 @@ EXIT_CODE_CRASHED = 70
 _NATS_ERRORS = (NatsError, OSError, TimeoutError)
 # Shortest fetch wait when a checkpoint is due soon (a fetch returns at once with messages).
 FETCH_WAIT_MIN_S = 0.05
+# Most events chained in one Postgres transaction. A fetch of version 2 messages holds up
+# to fetch_messages_max * 128 events; it is chained in transactions of whole messages.
+TRANSACTION_EVENTS_MAX = 4_096
 # Most skipped-event reasons logged per batch (the rest are counted).
 SKIPPED_LOGGED_MAX = 10
 # /healthz fails when the consume loop has not come round for this long (at least this,
@@ -360,17 +364,23 @@ class AuditorService:
                     # (a NATS server that came back without its store).
                     await self._reensure_consumer()
                 continue
-            traced = self._telemetry.begin_batch(messages)
-            try:
-                plan = await self._handle(messages)
-            except StoreUnavailableError as error:
-                self._telemetry.end_batch(traced, None, error.code)
-                _log.warning("chaining %d events failed: %s", len(messages), error)
-                await _settle(messages, [], [], range(len(messages)), self._pause_s)
-                await self._pause()
-                continue
-            self._telemetry.end_batch(traced, plan)
-            self._pause_s = settings.retry_pause_min.total_seconds()
+            parsed = [
+                parse_deliveries(message.subject, message.headers, message.data, token)
+                for token, message in enumerate(messages)
+            ]
+            for index, part in enumerate(parts := _transactions(parsed)):
+                traced = self._telemetry.begin_batch(part.deliveries, len(part.tokens))
+                try:
+                    plan = await self._handle(messages, part)
+                except StoreUnavailableError as error:
+                    self._telemetry.end_batch(traced, None, error.code)
+                    rest = [token for later in parts[index:] for token in later.tokens]
+                    _log.warning("chaining %d events failed: %s", len(part.deliveries), error)
+                    await _settle(messages, [], [], rest, self._pause_s)
+                    await self._pause()
+                    break
+                self._telemetry.end_batch(traced, plan)
+                self._pause_s = settings.retry_pause_min.total_seconds()
 
     async def _sign_due(self) -> None:
         """Sign the heads whose oldest unsigned event is ``checkpoint_interval`` old."""
@@ -379,21 +389,15 @@ class AuditorService:
             written, every = await self.store.sign_heads(due, self._signer)
             self._signed(written, every)
 
-    async def _handle(self, messages: Sequence[Msg]) -> BatchPlan | None:
-        """Chain a fetched batch and settle its messages; its plan (None: nothing chained)."""
+    async def _handle(self, messages: Sequence[Msg], part: _Transaction) -> BatchPlan | None:
+        """Chain the events of the messages of ``part`` and settle those messages; its plan
+        (None: nothing chained)."""
         assert self._store is not None
         assert self._finance is not None
-        deliveries: list[Delivery] = []
-        malformed: list[int] = []
-        for token, message in enumerate(messages):
-            delivery = parse_delivery(message.subject, message.headers, message.data, token)
-            if delivery is None:
-                malformed.append(token)
-            else:
-                deliveries.append(delivery)
+        deliveries, malformed = part.deliveries, part.malformed
         for token in malformed:
             _log.error(
-                "terminating a malformed message on %s (headers %s): not a ledger event",
+                "terminating a malformed message on %s (headers %s): not ledger events",
                 messages[token].subject,
                 messages[token].headers,
             )
@@ -414,17 +418,16 @@ class AuditorService:
             now_s,
         )
         self._report(outcome)
-        self._measure(messages, outcome)
-        held = [delivery.token for delivery in plan.held]
+        self._measure(messages[part.tokens[-1]], outcome)
         delay_s = self._settings.gap_redelivery_delay.total_seconds()
-        await _settle(messages, plan.settled_tokens(), malformed, held, delay_s)
+        await _settle(messages, plan.settled_tokens(), malformed, plan.held_tokens(), delay_s)
         if self._finance.backlog:
             await self._finance.drain_backlog()
         else:
             await self._finance.publish(outcome.finance)
         return plan
 
-    def _measure(self, messages: Sequence[Msg], outcome: BatchOutcome) -> None:
+    def _measure(self, last: Msg, outcome: BatchOutcome) -> None:
         counters = self.counters
         counters.batches += 1
         counters.events_chained += len(outcome.plan.chained)
@@ -436,7 +439,7 @@ class AuditorService:
             counters.lag_ms = max(0, time.time_ns() // 1_000_000 - outcome.last_event_at_ms)
         with contextlib.suppress(Exception):
             # Messages in the stream not yet delivered to this consumer, after the last.
-            counters.lag_events = messages[-1].metadata.num_pending
+            counters.lag_events = last.metadata.num_pending
         for skipped in outcome.skipped[:SKIPPED_LOGGED_MAX]:
             _log.error(
                 "partition %d: seq %d is chained but not rolled up: %s",
@@ -533,6 +536,35 @@ class AuditorService:
         connected = self._nats_connected()
         ok = self._started and connected and not self._stopping.is_set()
         return Check(ok, {"nats": connected, "lag_events": self.counters.lag_events})
+
+
+@dataclass(slots=True)
+class _Transaction:
+    """Fetched messages chained in one transaction: their indexes in the fetched batch,
+    the events they carry, and the indexes of the malformed ones."""
+
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    deliveries: list[Delivery] = dataclasses.field(default_factory=list)
+    malformed: list[int] = dataclasses.field(default_factory=list)
+
+
+def _transactions(parsed: Sequence[list[Delivery] | None]) -> list[_Transaction]:
+    """The fetched messages' events (``parsed``, None for a malformed message) cut into
+    transactions of whole messages, each holding at most ``TRANSACTION_EVENTS_MAX``
+    events (a larger message alone)."""
+    parts = [_Transaction()]
+    for token, deliveries in enumerate(parsed):
+        part = parts[-1]
+        count = len(deliveries or ())
+        if part.deliveries and len(part.deliveries) + count > TRANSACTION_EVENTS_MAX:
+            part = _Transaction()
+            parts.append(part)
+        part.tokens.append(token)
+        if deliveries is None:
+            part.malformed.append(token)
+        else:
+            part.deliveries.extend(deliveries)
+    return parts
 
 
 async def _settle(

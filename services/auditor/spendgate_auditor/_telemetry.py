@@ -1,8 +1,8 @@
 """The auditor's traces and metrics (docs/operations.md).
 
 Trace shape: the relay publishes each traced event with the ``traceparent`` of the ledger
-span of the command that produced it. For a fetched batch in which at least one message
-carries a sampled one::
+span of the command that produced it. For a batch (the events chained in one transaction)
+in which at least one event carries a sampled one::
 
     auditor.batch           INTERNAL  child of the first traced event's producer
     └── auditor.event       CONSUMER  one per traced event, linked to its producer (the
@@ -23,15 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
-from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind, Status, StatusCode
 
-from spendgate_auditor._plan import BatchPlan
+from spendgate_auditor._plan import BatchPlan, Delivery
 from spendgate_auditor._rollup import FinanceRow
 from spendgate_common import audit_v1, finance_v1
-from spendgate_common.subjects import HEADER_PARTITION, HEADER_SEQ, HEADER_TRACEPARENT
 from spendgate_common.telemetry import (
     AUDIT_OUTCOME,
     BATCH_CHAINED,
@@ -70,8 +68,10 @@ _finance_event = msgspec.json.Decoder(_FinanceEvent)
 @dataclass(slots=True)
 class AuditBatchTrace:
     span: Span
-    # Per fetched message (by its index): its event span, None when it is not traced.
+    # Per delivery (in the order given to begin_batch): its span, None when not traced.
     events: list[Span | None]
+    # (message token, seq) of each delivery, in the same order.
+    identities: list[tuple[int, int]]
 
 
 class AuditorTelemetry:
@@ -155,27 +155,27 @@ class AuditorTelemetry:
 
     # ---------------------------------------------------------------------- tracing
 
-    def begin_batch(self, messages: Sequence[Msg]) -> AuditBatchTrace | None:
-        """Start the spans of a fetched batch; None when no message is traced."""
+    def begin_batch(self, deliveries: Sequence[Delivery], messages: int) -> AuditBatchTrace | None:
+        """Start the spans of a batch of ``deliveries`` (from ``messages`` messages); None
+        when no event is traced."""
         tracer = self.tracer
         if tracer is None:
             return None
-        producers = [_producer(message) for message in messages]
+        producers = [_producer(delivery.traceparent) for delivery in deliveries]
         first = next((producer for producer in producers if producer is not None), None)
         if first is None:
             return None
         batch_span = tracer.start_span(
             "auditor.batch",
             context=trace.set_span_in_context(NonRecordingSpan(first)),
-            attributes={BATCH_MESSAGES: len(messages)},
+            attributes={BATCH_MESSAGES: messages},
         )
         parent = trace.set_span_in_context(batch_span)
         events: list[Span | None] = []
-        for message, producer in zip(messages, producers, strict=True):
+        for delivery, producer in zip(deliveries, producers, strict=True):
             if producer is None:
                 events.append(None)
                 continue
-            headers = message.headers or {}
             events.append(
                 tracer.start_span(
                     "auditor.event",
@@ -183,14 +183,15 @@ class AuditorTelemetry:
                     kind=SpanKind.CONSUMER,
                     links=[Link(producer)],
                     attributes={
-                        PARTITION: _integer(headers.get(HEADER_PARTITION)),
-                        SEQ: _integer(headers.get(HEADER_SEQ)),
-                        EVENT_TYPE: _type_of(message.data),
+                        PARTITION: delivery.partition,
+                        SEQ: delivery.seq,
+                        EVENT_TYPE: _type_of(delivery.body),
                         "messaging.system": "nats",
                     },
                 )
             )
-        return AuditBatchTrace(batch_span, events)
+        identities = [(delivery.token, delivery.seq) for delivery in deliveries]
+        return AuditBatchTrace(batch_span, events, identities)
 
     def end_batch(
         self, batch_trace: AuditBatchTrace | None, plan: BatchPlan | None, error: str = ""
@@ -199,20 +200,20 @@ class AuditorTelemetry:
         when the batch failed with ``error`` or held only malformed messages)."""
         if batch_trace is None:
             return
-        outcomes: dict[int, str] = {}
+        outcomes: dict[tuple[int, int], str] = {}
         if plan is not None:
             for name, deliveries in (
                 ("chained", plan.chained),
                 ("duplicate", plan.duplicates),
                 ("held", plan.held),
             ):
-                outcomes.update((delivery.token, name) for delivery in deliveries)
+                outcomes.update(((d.token, d.seq), name) for d in deliveries)
         ended_ns = time.time_ns()
-        for token, span in enumerate(batch_trace.events):
+        for identity, span in zip(batch_trace.identities, batch_trace.events, strict=True):
             if span is None:
                 continue
-            if token in outcomes:
-                span.set_attribute(AUDIT_OUTCOME, outcomes[token])
+            if identity in outcomes:
+                span.set_attribute(AUDIT_OUTCOME, outcomes[identity])
             if error:
                 span.set_status(Status(StatusCode.ERROR, error))
             span.end(end_time=ended_ns)
@@ -224,8 +225,7 @@ class AuditorTelemetry:
         batch.end(end_time=ended_ns)
 
 
-def _producer(message: Msg) -> trace.SpanContext | None:
-    value = (message.headers or {}).get(HEADER_TRACEPARENT)
+def _producer(value: str | None) -> trace.SpanContext | None:
     context = parse_traceparent(value) if value else None
     return context if context is not None and context.trace_flags.sampled else None
 
@@ -235,7 +235,3 @@ def _type_of(body: bytes) -> str:
         return _event_type.decode(body).type
     except msgspec.DecodeError:
         return ""
-
-
-def _integer(value: str | None) -> int:
-    return int(value) if value is not None and value.isdecimal() and len(value) <= 19 else -1

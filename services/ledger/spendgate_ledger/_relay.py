@@ -1,22 +1,26 @@
 """The outbox relay: publishes a partition's committed events to JetStream, in order.
 
 The event log is the outbox. Events are handed to the relay only after their batch has
-committed; the relay publishes them with ``Nats-Msg-Id = <partition>:<seq>`` (so JetStream
-drops a republish after a crash), waits for the acknowledgements, and advances the
-partition's ``published_seq`` watermark in Postgres. What is not in its memory buffer
-(after a restart, or after the buffer overflowed) it reads back from the log.
+committed; the relay publishes them as version 2 messages
+(:mod:`spendgate_common.event_messages_v2`): the events of one appended batch travel
+together, cut into runs of at most 128 events (about 64 KiB), each message with
+``Nats-Msg-Id = <partition>:<first seq>-<last seq>`` (so JetStream drops a republish after
+a crash). It waits for the acknowledgements and advances the partition's
+``published_seq`` watermark in Postgres. What is not in its memory buffer (after a
+restart, or after the buffer overflowed) it reads back from the log, where the rows one
+append wrote share a transaction id, so it cuts the same messages again.
 
-Publishing is the relay's hot path: every event is one JetStream message and one
-acknowledgement, on the same core as the partition loops. nats-py's ``publish_async``
-costs about 17 us of CPU per message (a random token from ``os.urandom``, a future, a
-semaphore, a ``wait_for``, stdlib JSON and a dataclass per acknowledgement), which was
-more than half of the ledger's CPU under load. So the relay writes a whole window of
-``HPUB`` frames to the connection at once, each with the reply subject
-``<inbox>.<window>.<seq>``, and one subscription per relay only counts the
-acknowledgements of the current window (about 3.5 us per message in all). Per-message
-acknowledgements are kept on purpose: only they prove that *every* event of the window
-was stored (a single acknowledgement of the last one would not reveal a message lost in
-a leader change before it), and the watermark moves only after all of them.
+Publishing is the relay's hot path, on the same core as the partition loops. One message
+per event cost a third of the ledger's CPU and most of the NATS server's on a hot
+partition (docs/decisions.md); one per run costs that divided by the run's length.
+nats-py's ``publish_async`` costs about 17 us of CPU per message (a random token from
+``os.urandom``, a future, a semaphore, a ``wait_for``, stdlib JSON and a dataclass per
+acknowledgement), so the relay writes a whole window of ``HPUB`` frames to the connection
+at once, each with the reply subject ``<inbox>.<window>.<index>``, and one subscription per
+relay only counts the acknowledgements of the current window. Every message's
+acknowledgement is awaited: only they prove that *every* message of the window was stored
+(a single acknowledgement of the last one would not reveal a message lost in a leader
+change before it), and the watermark moves only after all of them.
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
+import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, ConnectionDrainingError, OutboundBufferLimitError
 from nats.errors import Error as NatsError
 
 from spendgate_common.errors import StoreUnavailableError
+from spendgate_common.event_messages_v2 import StreamedEvent, encode_events, split_runs
+from spendgate_common.limits import EVENT_MESSAGE_BYTES_MAX
 from spendgate_common.subjects import (
+    HEADER_FIRST_SEQ,
+    HEADER_LAST_SEQ,
     HEADER_MSG_ID,
     HEADER_PARTITION,
-    HEADER_SEQ,
-    HEADER_TRACEPARENT,
     events_subject,
 )
 from spendgate_ledger._store import EventRow, LedgerStore
@@ -66,6 +73,10 @@ class PublishRefusedError(NatsError):
         self.answer = answer
 
 
+# A run of consecutive events of one appended batch: one stream message.
+Run = Sequence[EventRow]
+
+
 class EventRelay:
     def __init__(
         self,
@@ -84,13 +95,15 @@ class EventRelay:
         # What outbox_watermarks holds, and when it was last written (loop time).
         self._persisted_seq = published_seq
         self._persisted_at = 0.0
+        # Most messages (runs) published in one window.
         self._inflight_max = inflight_max
         self._buffer_events_max = buffer_events_max
-        self._buffer: deque[EventRow] = deque()
+        self._buffer: deque[Run] = deque()
+        self._buffered_events = 0
         # seq -> traceparent of the command span that produced the event (traced events
-        # only; added as a header so the auditor's span links back). Emptied with the
+        # only; carried in the message so the auditor's span links back). Emptied with the
         # buffer and as windows are published, so it never outgrows the buffer.
-        self._traceparents: dict[int, bytes] = {}
+        self._traceparents: dict[int, str] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -99,6 +112,9 @@ class EventRelay:
         # headers and bodies of what arrives in the stream.
         self._nats = nats
         self._subject = events_subject(partition).encode()
+        # A message stays below the server's max_payload (an event alone is asserted to
+        # fit); the cut depends on this, so every replica must see the same server limit.
+        self._run_bytes_max = min(EVENT_MESSAGE_BYTES_MAX, nats.max_payload // 2)
         self._inbox = ""
         self._windows = itertools.count(1)
         # Acknowledgements of the window in flight: reply prefix, expected, counted, error.
@@ -114,16 +130,21 @@ class EventRelay:
         last_seq: int,
         traceparents: Mapping[int, bytes] | None = None,
     ) -> None:
-        """Called by the partition loop after a batch committed (never awaits).
-        ``traceparents``: the trace context of traced events, by seq."""
+        """Called by the partition loop after a batch committed (never awaits): ``rows``
+        are the batch's events. ``traceparents``: the trace context of traced events, by
+        seq."""
         self.committed_seq = last_seq
-        if len(self._buffer) + len(rows) <= self._buffer_events_max:
-            self._buffer.extend(rows)
+        if self._buffered_events + len(rows) <= self._buffer_events_max:
+            self._buffer.extend(split_runs(rows, bytes_max=self._run_bytes_max))
+            self._buffered_events += len(rows)
             if traceparents:
-                self._traceparents.update(traceparents)
+                self._traceparents.update(
+                    (seq, value.decode()) for seq, value in traceparents.items()
+                )
         else:
             # Too far behind (JetStream down?): forget and read back from the log later.
             self._buffer.clear()
+            self._buffered_events = 0
             self._traceparents.clear()
         self._idle.clear()
         self._wake.set()
@@ -187,34 +208,46 @@ class EventRelay:
         await self._store.set_published_seq(self.partition, seq)
         self._persisted_seq, self._persisted_at = seq, now
 
-    async def _next_window(self) -> list[EventRow]:
-        while self._buffer and self._buffer[0].seq <= self.published_seq:
-            self._buffer.popleft()
-        if self._buffer and self._buffer[0].seq == self.published_seq + 1:
-            # Only a contiguous run: after an append that committed unseen (reported as
-            # failed, found on reload) the buffer has a hole that the log must fill.
-            window: list[EventRow] = []
-            for row in itertools.islice(self._buffer, self._inflight_max):
-                if row.seq != self.published_seq + 1 + len(window):
+    async def _next_window(self) -> list[Run]:
+        """The next runs to publish, in order from ``published_seq + 1`` (at most
+        ``inflight_max``): from memory when it holds them, else from the log."""
+        buffer = self._buffer
+        while buffer and buffer[0][-1].seq <= self.published_seq:
+            self._buffered_events -= len(buffer.popleft())
+        if buffer and buffer[0][0].seq == self.published_seq + 1:
+            # Only a contiguous run of runs: after an append that committed unseen
+            # (reported as failed, found on reload) the buffer has a hole that the log
+            # must fill.
+            window: list[Run] = []
+            next_seq = self.published_seq + 1
+            for run in itertools.islice(buffer, self._inflight_max):
+                if run[0].seq != next_seq:
                     break
-                window.append(row)
+                window.append(run)
+                next_seq = run[-1].seq + 1
             return window
-        async for page in self._store.read_events(self.partition, self.published_seq):
-            return page[: self._inflight_max]
-        return []
+        batches, complete = await self._store.read_batches(self.partition, self.published_seq)
+        runs = [run for rows in batches for run in split_runs(rows, bytes_max=self._run_bytes_max)]
+        if not complete:
+            # The last batch may go on past the page: its last run may be cut short.
+            assert len(runs) > 1, "a page of the log holds many runs"
+            runs.pop()
+        return runs[: self._inflight_max]
 
     async def _publish_next_window(self) -> None:
         window = await self._next_window()
         if not window:
             return
         await self._publish(window)
-        self.published_seq = window[-1].seq
+        self.published_seq = window[-1][-1].seq
         if self._traceparents:
-            for row in window:
-                self._traceparents.pop(row.seq, None)
+            for run in window:
+                for row in run:
+                    self._traceparents.pop(row.seq, None)
 
-    async def _publish(self, window: Sequence[EventRow]) -> None:
-        """Publish ``window`` and return once JetStream stored (or deduplicated) all of it.
+    async def _publish(self, window: Sequence[Run]) -> None:
+        """Publish ``window`` (a message per run) and return once JetStream stored (or
+        deduplicated) all of it.
 
         Raises a NATS error when the connection refuses the write, :class:`TimeoutError`
         when acknowledgements are missing after PUBLISH_ACK_TIMEOUT, and
@@ -249,39 +282,45 @@ class EventRelay:
         if self._ack_refusal is not None:
             raise PublishRefusedError(self.partition, self._ack_refusal)
 
-    def _frames(self, prefix: bytes, window: Sequence[EventRow]) -> bytes:
+    def _frames(self, prefix: bytes, window: Sequence[Run]) -> bytes:
         """The ``HPUB`` frames of ``window``, exactly as ``Client.publish`` would write them."""
         partition = self.partition
         subject = self._subject
         payload_max = self._nats.max_payload
         traceparents = self._traceparents
         frames = bytearray()
-        for row in window:
-            seq = row.seq
-            headers = b"NATS/1.0\r\n%s: %d:%d\r\n%s: %d\r\n%s: %d\r\n\r\n" % (
+        for index, run in enumerate(window):
+            first_seq, last_seq = run[0].seq, run[-1].seq
+            body = encode_events(
+                [
+                    StreamedEvent(row.seq, msgspec.Raw(row.body), traceparents.get(row.seq))
+                    for row in run
+                ]
+            )
+            headers = b"NATS/1.0\r\n%s: %d:%d-%d\r\n%s: %d\r\n%s: %d\r\n%s: %d\r\n\r\n" % (
                 _MSG_ID,
                 partition,
-                seq,
+                first_seq,
+                last_seq,
                 _PARTITION,
                 partition,
-                _SEQ,
-                seq,
+                _FIRST_SEQ,
+                first_seq,
+                _LAST_SEQ,
+                last_seq,
             )
-            traceparent = traceparents.get(seq) if traceparents else None
-            if traceparent is not None:
-                headers = b"%s%s: %s\r\n\r\n" % (headers[:-2], _TRACEPARENT, traceparent)
-            size = len(headers) + len(row.body)
-            # An event is a few hundred bytes; the server would close the connection on a
-            # message above its max_payload, so make sure it never sees one.
-            assert size <= payload_max, f"event {partition}:{seq} is {size} bytes"
+            size = len(headers) + len(body)
+            # Runs are cut far below max_payload, and an event is a few hundred bytes; the
+            # server would close the connection on a larger message, so it never sees one.
+            assert size <= payload_max, f"events {partition}:{first_seq}-{last_seq}: {size} bytes"
             frames += b"HPUB %s %s%d %d %d\r\n%s%s\r\n" % (
                 subject,
                 prefix,
-                seq,
+                index,
                 len(headers),
                 size,
                 headers,
-                row.body,
+                body,
             )
         return bytes(frames)
 
@@ -304,5 +343,5 @@ class EventRelay:
 
 _MSG_ID = HEADER_MSG_ID.encode()
 _PARTITION = HEADER_PARTITION.encode()
-_SEQ = HEADER_SEQ.encode()
-_TRACEPARENT = HEADER_TRACEPARENT.encode()
+_FIRST_SEQ = HEADER_FIRST_SEQ.encode()
+_LAST_SEQ = HEADER_LAST_SEQ.encode()

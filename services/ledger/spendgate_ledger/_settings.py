@@ -32,7 +32,8 @@ class LedgerSettings:
     batch_commands_max: int
     # Most requests waiting for one partition's loop; beyond it callers get "overloaded".
     partition_queue_requests_max: int
-    # Most unacknowledged JetStream publishes in flight per partition relay.
+    # Most unacknowledged JetStream messages (runs of up to 128 events) in flight per
+    # partition relay.
     relay_inflight_max: int
     database_pool_max: int
     statement_timeout: timedelta
@@ -74,7 +75,7 @@ class LedgerSettings:
                 "SPENDGATE_LEDGER_QUEUE_REQUESTS_MAX", 10_000, minimum=1, maximum=1_000_000
             ),
             relay_inflight_max=env.integer(
-                "SPENDGATE_LEDGER_RELAY_INFLIGHT_MAX", 1_024, minimum=1, maximum=65_536
+                "SPENDGATE_LEDGER_RELAY_INFLIGHT_MAX", 64, minimum=1, maximum=4_096
             ),
             database_pool_max=env.integer(
                 "SPENDGATE_LEDGER_DATABASE_POOL_MAX", 16, minimum=2, maximum=256

@@ -166,6 +166,34 @@ class LedgerStore:
             cursor_seq = page[-1].seq
             yield page
 
+    async def read_batches(
+        self, partition: int, after_seq: int
+    ) -> tuple[list[list[EventRow]], bool]:
+        """Up to ``REPLAY_FETCH_ROWS`` events after ``after_seq``, grouped by the append
+        that wrote them, and whether they reach the end of the log (if not, the last group
+        may go on beyond them).
+
+        An append is one transaction, so its rows share their ``xmin`` (Postgres keeps a
+        row's inserting transaction id, also once the row is frozen). The relay cuts its
+        messages along these groups, as it did when it published from memory.
+        """
+        async with translate_errors("read events"), self._pool.acquire() as connection:
+            rows = await connection.fetch(
+                "SELECT seq, type, body, xmin::text AS appended_by FROM events"
+                " WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                partition,
+                after_seq,
+                REPLAY_FETCH_ROWS,
+            )
+        groups: list[list[EventRow]] = []
+        appended_by = None
+        for row in rows:
+            if row["appended_by"] != appended_by:
+                appended_by = row["appended_by"]
+                groups.append([])
+            groups[-1].append(EventRow(row["seq"], row["type"], bytes(row["body"])))
+        return groups, len(rows) < REPLAY_FETCH_ROWS
+
     async def published_seq(self, partition: int) -> int:
         async with translate_errors("read watermark"), self._pool.acquire() as connection:
             value = await connection.fetchval(
