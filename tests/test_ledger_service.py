@@ -403,6 +403,38 @@ async def test_events_are_durable_ordered_and_published(
     assert sorted(runs.values()) == sorted([1, 3, 1, 1, 2] * 2)
 
 
+async def test_a_relay_republishing_from_the_log_sends_the_same_messages(
+    database_url: str, nats_url: str, client: LedgerClient, database: asyncpg.Connection[Any]
+) -> None:
+    """A new owner reads its backlog from the log: it cuts the batches into the same
+    messages (the rows of one append share a transaction id), so JetStream drops them."""
+    key = new_vault_key(TENANT)
+    partition = partition_of(TENANT)
+    async with running_ledger(database_url, nats_url):
+        await client.one(issue(key))
+        for size in (1, 5, 3, 200):  # one request each: one batch, one append each
+            await client.send([reserve(key, 1_000)] * size)
+
+        async def published() -> bool:
+            return (
+                await database.fetchval(
+                    "SELECT published_seq FROM outbox_watermarks WHERE partition = $1", partition
+                )
+                == 1 + 1 + 5 + 3 + 200
+            )
+
+        await eventually(published, "the relay")
+    first = await read_stream_events(nats_url)
+    # 200 events of one append travel as two runs (the cut is by count: 128 + 72).
+    runs = sorted({event.msg_id for event in first})
+    assert len(runs) == 6, runs
+    # Forget that anything was published: the next owner republishes the whole log.
+    await database.execute("UPDATE outbox_watermarks SET published_seq = 0")
+    async with running_ledger(database_url, nats_url):
+        await eventually(published, "the relay, again")
+    assert await read_stream_events(nats_url) == first
+
+
 async def test_concurrent_reserves_never_exceed_the_cap(
     database_url: str, nats_url: str, client: LedgerClient, database: asyncpg.Connection[Any]
 ) -> None:
