@@ -71,9 +71,19 @@ class StateConfig:
 
 
 def event_type(event: AnyEvent) -> str:
-    tag = type(event).__struct_config__.tag
+    """The event's type tag (the ``type`` column of the log)."""
+    kind = type(event)
+    known = _EVENT_TAGS.get(kind)
+    if known is not None:
+        return known
+    tag = kind.__struct_config__.tag
     assert isinstance(tag, str)
+    _EVENT_TAGS[kind] = tag
     return tag
+
+
+# Event class -> its tag (read from the class's config once: a lookup per event otherwise).
+_EVENT_TAGS: dict[type, str] = {}
 
 
 class StateLoader:
