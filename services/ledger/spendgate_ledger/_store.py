@@ -155,14 +155,7 @@ class LedgerStore:
         """The partition's events after ``after_seq`` in order, a page at a time."""
         cursor_seq = after_seq
         while True:
-            async with translate_errors("read events"), self._pool.acquire() as connection:
-                rows = await connection.fetch(
-                    "SELECT seq, type, body FROM events WHERE partition = $1 AND seq > $2"
-                    " ORDER BY seq LIMIT $3",
-                    partition,
-                    cursor_seq,
-                    REPLAY_FETCH_ROWS,
-                )
+            rows = await self._page(partition, cursor_seq)
             if not rows:
                 return
             page = [EventRow(row["seq"], row["type"], bytes(row["body"])) for row in rows]
@@ -180,14 +173,7 @@ class LedgerStore:
         row's inserting transaction id, also once the row is frozen). The relay cuts its
         messages along these groups, as it did when it published from memory.
         """
-        async with translate_errors("read events"), self._pool.acquire() as connection:
-            rows = await connection.fetch(
-                "SELECT seq, type, body, xmin::text AS appended_by FROM events"
-                " WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                partition,
-                after_seq,
-                REPLAY_FETCH_ROWS,
-            )
+        rows = await self._page(partition, after_seq)
         groups: list[list[EventRow]] = []
         appended_by = None
         for row in rows:
@@ -196,6 +182,18 @@ class LedgerStore:
                 groups.append([])
             groups[-1].append(EventRow(row["seq"], row["type"], bytes(row["body"])))
         return groups, len(rows) < REPLAY_FETCH_ROWS
+
+    async def _page(self, partition: int, after_seq: int) -> list[asyncpg.Record]:
+        """Up to ``REPLAY_FETCH_ROWS`` events after ``after_seq``, in order, with the id of
+        the transaction that appended each (``appended_by``)."""
+        async with translate_errors("read events"), self._pool.acquire() as connection:
+            return await connection.fetch(
+                "SELECT seq, type, body, xmin::text AS appended_by FROM events"
+                " WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                partition,
+                after_seq,
+                REPLAY_FETCH_ROWS,
+            )
 
     async def published_seq(self, partition: int) -> int:
         async with translate_errors("read watermark"), self._pool.acquire() as connection:
