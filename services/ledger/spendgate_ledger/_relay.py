@@ -30,7 +30,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 
 import msgspec
@@ -57,10 +57,11 @@ _log = logging.getLogger(__name__)
 PUBLISH_ACK_TIMEOUT = timedelta(seconds=5)
 # Pause after a failed publish or watermark write before trying again.
 RETRY_PAUSE = timedelta(milliseconds=500)
-# The published watermark is written to Postgres at most this often (and once the relay
-# has been caught up that long), not after every window: at low load that was a second
-# transaction per batch. After a crash the next owner republishes at most this much
-# more, which JetStream drops by message id (its duplicate window is minutes).
+# The published watermarks of all of a replica's partitions are written to Postgres
+# together, in one statement, at most this often (WatermarkWriter), not by each relay
+# after its windows: at low load, spread over 64 partitions, that was a transaction for
+# every other batch. After a crash the next owner republishes at most this much more,
+# which JetStream drops by message id (its duplicate window is minutes).
 WATERMARK_PERSIST_INTERVAL = timedelta(milliseconds=200)
 
 
@@ -92,9 +93,8 @@ class EventRelay:
         self._store = store
         self.published_seq = published_seq
         self.committed_seq = published_seq
-        # What outbox_watermarks holds, and when it was last written (loop time).
-        self._persisted_seq = published_seq
-        self._persisted_at = 0.0
+        # What outbox_watermarks holds (as far as this relay knows).
+        self.persisted_seq = published_seq
         # Most messages (runs) published in one window.
         self._inflight_max = inflight_max
         self._buffer_events_max = buffer_events_max
@@ -157,8 +157,11 @@ class EventRelay:
             return False
         # Handing over: let the next owner start where we stopped (a failure here only
         # costs it a few duplicates, which JetStream drops).
-        with contextlib.suppress(StoreUnavailableError, OSError):
-            await self._persist_watermark(due_only=False)
+        seq = self.published_seq
+        if self.persisted_seq < seq:
+            with contextlib.suppress(StoreUnavailableError, OSError):
+                await self._store.set_published_seqs([(self.partition, seq)])
+                self.persisted_seq = seq
         return True
 
     async def run(self) -> None:
@@ -171,21 +174,13 @@ class EventRelay:
                 await subscription.unsubscribe()
 
     async def _run(self) -> None:
-        interval_s = WATERMARK_PERSIST_INTERVAL.total_seconds()
         while True:
-            if self._persisted_seq < self.published_seq:
-                # Wake up at the latest when the watermark is due to be written.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(interval_s):
-                        await self._wake.wait()
-            else:
-                await self._wake.wait()
+            await self._wake.wait()
             self._wake.clear()
             while True:
                 try:
                     if self.published_seq < self.committed_seq:
                         await self._publish_next_window()
-                    await self._persist_watermark(due_only=True)
                 except (NatsError, TimeoutError, StoreUnavailableError, OSError) as error:
                     _log.warning(
                         "partition %d: publishing events failed (%s), retrying",
@@ -197,16 +192,6 @@ class EventRelay:
                 if self.published_seq >= self.committed_seq:
                     break
             self._idle.set()
-
-    async def _persist_watermark(self, *, due_only: bool) -> None:
-        if self._persisted_seq >= self.published_seq:
-            return
-        now = asyncio.get_running_loop().time()
-        if due_only and now - self._persisted_at < WATERMARK_PERSIST_INTERVAL.total_seconds():
-            return
-        seq = self.published_seq
-        await self._store.set_published_seq(self.partition, seq)
-        self._persisted_seq, self._persisted_at = seq, now
 
     async def _next_window(self) -> list[Run]:
         """The next runs to publish, in order from ``published_seq + 1`` (at most
@@ -345,3 +330,36 @@ _MSG_ID = HEADER_MSG_ID.encode()
 _PARTITION = HEADER_PARTITION.encode()
 _FIRST_SEQ = HEADER_FIRST_SEQ.encode()
 _LAST_SEQ = HEADER_LAST_SEQ.encode()
+
+
+class WatermarkWriter:
+    """Writes the published watermarks of a replica's relays, every
+    ``WATERMARK_PERSIST_INTERVAL``, in one statement for all partitions that moved."""
+
+    def __init__(self, store: LedgerStore, relays: Callable[[], list[EventRelay]]) -> None:
+        self._store = store
+        self._relays = relays
+
+    async def run(self) -> None:
+        interval_s = WATERMARK_PERSIST_INTERVAL.total_seconds()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.write()
+            except (StoreUnavailableError, OSError) as error:
+                # A hint only: the next round writes it, and a crash meanwhile costs
+                # republished events, which JetStream drops.
+                _log.warning("writing the relays' watermarks failed: %s", error)
+
+    async def write(self) -> None:
+        """Write every watermark that moved since it was last written."""
+        moved = [
+            (relay, relay.published_seq)
+            for relay in self._relays()
+            if relay.persisted_seq < relay.published_seq
+        ]
+        if not moved:
+            return
+        await self._store.set_published_seqs([(relay.partition, seq) for relay, seq in moved])
+        for relay, seq in moved:
+            relay.persisted_seq = max(relay.persisted_seq, seq)

@@ -43,7 +43,7 @@ from spendgate_common.ops_http import Check, ops_server_if_enabled
 from spendgate_common.subjects import ledger_command_subject
 from spendgate_common.telemetry import Telemetry
 from spendgate_ledger._partition import PartitionWorker, PendingRequest, StateConfig, StateLoader
-from spendgate_ledger._relay import EventRelay
+from spendgate_ledger._relay import EventRelay, WatermarkWriter
 from spendgate_ledger._replicas import ReplicaRegistry, fair_share
 from spendgate_ledger._settings import LedgerSettings
 from spendgate_ledger._snapshot_store import SnapshotStore
@@ -123,6 +123,7 @@ class LedgerService:
         self._replicas: ReplicaRegistry | None = None
         self._loader: StateLoader | None = None
         self._lease_task: asyncio.Task[None] | None = None
+        self._watermark_task: asyncio.Task[None] | None = None
 
     @property
     def owned_partitions(self) -> list[int]:
@@ -180,6 +181,10 @@ class LedgerService:
         )
         await self._lease_round()
         self._lease_task = asyncio.create_task(self._lease_loop(), name="ledger-leases")
+        watermarks = WatermarkWriter(
+            self._store, lambda: [owned.relay for _, owned in self._owned_now()]
+        )
+        self._watermark_task = asyncio.create_task(watermarks.run(), name="ledger-watermarks")
         self._started = True
         _log.info("ledger %s started, owns %d partitions", settings.owner_id, len(self._owned))
 
@@ -187,10 +192,11 @@ class LedgerService:
         self._stopping.set()
         deadline = self._settings.shutdown_deadline
         give_up_at = time.monotonic() + deadline.total_seconds()
-        if self._lease_task is not None:
-            self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
+        for task in (self._lease_task, self._watermark_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._replicas is not None:
             with contextlib.suppress(StoreUnavailableError):
                 await self._replicas.leave()

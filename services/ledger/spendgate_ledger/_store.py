@@ -202,20 +202,23 @@ class LedgerStore:
             )
         return int(value or 0)
 
-    async def set_published_seq(self, partition: int, seq: int) -> None:
-        """Move the relay's watermark forward, committed asynchronously.
+    async def set_published_seqs(self, watermarks: Sequence[tuple[int, int]]) -> None:
+        """Move the relays' watermarks forward (``(partition, published seq)`` pairs, one
+        statement), committed asynchronously.
 
-        The watermark is a hint: if a Postgres crash loses its last writes, the relay
+        A watermark is a hint: if a Postgres crash loses its last writes, the relay
         publishes those events again and JetStream (by message id) or the auditor (by seq)
         drops the copies. So its commit does not wait for the WAL flush: a fsync per
         partition every 200 ms was a third of the ledger's commits at 500 pairs/s on 64
         partitions. ``set_config(..., true)`` is local to this statement's transaction.
         """
-        async with translate_errors("write watermark"), self._pool.acquire() as connection:
+        async with translate_errors("write watermarks"), self._pool.acquire() as connection:
             await connection.execute(
                 "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))"
-                " UPDATE outbox_watermarks SET published_seq = GREATEST(published_seq, $2)"
-                " FROM async_commit WHERE partition = $1",
-                partition,
-                seq,
+                " UPDATE outbox_watermarks AS w"
+                " SET published_seq = GREATEST(w.published_seq, moved.seq)"
+                " FROM async_commit, unnest($1::int[], $2::bigint[]) AS moved(partition, seq)"
+                " WHERE w.partition = moved.partition",
+                [partition for partition, _ in watermarks],
+                [seq for _, seq in watermarks],
             )
