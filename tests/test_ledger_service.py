@@ -38,6 +38,7 @@ from spendgate_common.events_v1 import (
     ReservationGranted,
     ReservationReleased,
     decode_event,
+    encode_event,
 )
 from spendgate_common.ledger_v1 import (
     AnyCommand,
@@ -67,6 +68,7 @@ from spendgate_common.subjects import (
 from spendgate_common.vault_keys import VaultKey, new_vault_key
 from spendgate_ledger import LedgerService, LedgerSettings
 from spendgate_ledger import _service as ledger_service_module
+from spendgate_ledger._store import DatabaseEncodingError
 from tests.event_stream import read_stream_events
 from tests.harness import ServiceProcess, start_service
 
@@ -416,12 +418,10 @@ async def test_a_relay_republishing_from_the_log_sends_the_same_messages(
             await client.send([reserve(key, 1_000)] * size)
 
         async def published() -> bool:
-            return (
-                await database.fetchval(
-                    "SELECT published_seq FROM outbox_watermarks WHERE partition = $1", partition
-                )
-                == 1 + 1 + 5 + 3 + 200
+            seq = await database.fetchval(
+                "SELECT published_seq FROM outbox_watermarks WHERE partition = $1", partition
             )
+            return bool(seq == 1 + 1 + 5 + 3 + 200)
 
         await eventually(published, "the relay")
     first = await read_stream_events(nats_url)
@@ -571,6 +571,47 @@ async def test_restart_rebuilds_state_from_the_log(
     assert [row["seq"] for row in rows] == list(range(1, len(rows) + 1))
     assert {row["epoch"] for row in rows if row["seq"] <= seq_before} == {1}
     assert {row["epoch"] for row in rows if row["seq"] > seq_before} == {2}
+
+
+async def test_event_bytes_are_stored_exactly_also_beyond_ascii(
+    database_url: str, nats_url: str, client: LedgerClient, database: asyncpg.Connection[Any]
+) -> None:
+    """Bodies travel to Postgres as UTF-8 text: what is stored must be the canonical bytes,
+    byte for byte (the audit chain hashes them), whatever characters a label holds."""
+    key = new_vault_key(TENANT)
+    label = 'équipe-東京/run "42" \\ \t ✓'
+    command = msgspec.structs.replace(issue(key), label=label)
+    async with running_ledger(database_url, nats_url):
+        assert isinstance(await client.one(command), KeyCreated)
+        granted(await client.one(reserve(key, 1_000, idempotency_key="ключ\n")))
+    rows = await database.fetch(
+        "SELECT type, body FROM events WHERE partition = $1 ORDER BY seq", partition_of(TENANT)
+    )
+    events = [decode_event(bytes(row["body"])) for row in rows]
+    assert [(row["type"], bytes(row["body"])) for row in rows] == [
+        (type(event).__name__, encode_event(event)) for event in events
+    ]
+    assert isinstance(events[0], KeyIssued)
+    assert events[0].label == label
+    assert isinstance(events[1], ReservationGranted)
+    assert events[1].idempotency_key == "ключ\n"
+    async with running_ledger(database_url, nats_url):  # replayed from those bytes
+        state = await client.one(QueryKey(tenant=TENANT, key_id=key.key_id))
+        assert isinstance(state, KeyState)
+        assert state.label == label
+
+
+async def test_a_database_that_is_not_utf8_is_refused_at_start(
+    database_url: str, nats_url: str, database: asyncpg.Connection[Any]
+) -> None:
+    await database.execute(
+        "CREATE DATABASE ledger_latin1 ENCODING 'LATIN1' TEMPLATE template0"
+        " LC_COLLATE 'C' LC_CTYPE 'C'"
+    )
+    latin1_url = database_url.rsplit("/", 1)[0] + "/ledger_latin1"
+    with pytest.raises(DatabaseEncodingError, match="LATIN1"):
+        async with running_ledger(latin1_url, nats_url):
+            pass
 
 
 async def test_standby_takes_over_after_the_owner_is_killed(

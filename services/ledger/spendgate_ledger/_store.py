@@ -21,15 +21,35 @@ from spendgate_common.pg import translate_errors
 REPLAY_FETCH_ROWS = 5_000
 
 # A batch append: the fenced lease update and the events, in one statement (see append).
+# The batch's bodies and types travel as two newline-joined texts, split by the server:
+# asyncpg encodes an array parameter element by element with abstract-base-class checks
+# (2.7 us of the ledger's CPU per event for seq, type and body arrays; 0.35 us this way,
+# measured with 1,000-event batches). Seqs follow from the position (WITH ORDINALITY).
 _APPEND = (
     "WITH fenced AS ("
     "   UPDATE partition_leases SET last_seq = $1"
     "   WHERE partition = $2 AND epoch = $3 AND owner = $4 AND last_seq = $5"
     "   RETURNING partition)"
     " INSERT INTO events (partition, seq, epoch, type, body)"
-    " SELECT fenced.partition, batch.seq, $3, batch.type, batch.body"
-    " FROM fenced, unnest($6::bigint[], $7::text[], $8::bytea[]) AS batch(seq, type, body)"
+    " SELECT fenced.partition, $5 + batch.n, $3, batch.type, convert_to(batch.body, 'UTF8')"
+    " FROM fenced, unnest(string_to_array($6::text, E'\\n'), string_to_array($7::text, E'\\n'))"
+    "   WITH ORDINALITY AS batch(body, type, n)"
 )
+# What separates the events in those texts: canonical event bytes are compact JSON, which
+# never holds a raw newline (one inside a string is escaped as \n).
+_SEPARATOR = b"\n"
+
+
+class DatabaseEncodingError(RuntimeError):
+    """The ledger's database is not UTF8 (a configuration error: create it with
+    ``ENCODING 'UTF8'``); the ledger refuses to start rather than store other bytes."""
+
+    def __init__(self, encoding: str) -> None:
+        super().__init__(
+            f"the ledger's database has encoding {encoding!r}; it must be UTF8"
+            " (CREATE DATABASE ... ENCODING 'UTF8')"
+        )
+        self.encoding = encoding
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +74,16 @@ class LedgerStore:
         self.owner = owner
 
     async def seed_partitions(self, partition_count: int) -> None:
-        """Make sure a lease row and a watermark row exist for every partition."""
+        """Make sure a lease row and a watermark row exist for every partition.
+
+        Also checks the database's encoding: appends pass event bodies as UTF-8 text and
+        store ``convert_to(text, 'UTF8')``, which gives back the same bytes only in a UTF8
+        database (the canonical bytes are hashed into the audit chain).
+        """
         async with translate_errors("seed partitions"), self._pool.acquire() as connection:
+            encoding = await connection.fetchval("SHOW server_encoding")
+            if encoding != "UTF8":
+                raise DatabaseEncodingError(encoding)
             await connection.execute(
                 "INSERT INTO partition_leases (partition) SELECT generate_series(0, $1 - 1)"
                 " ON CONFLICT DO NOTHING",
@@ -133,6 +161,9 @@ class LedgerStore:
         assert rows[0].seq == first_seq
         assert all(row.seq == first_seq + index for index, row in enumerate(rows))
         last_seq = rows[-1].seq
+        bodies = _SEPARATOR.join([row.body for row in rows])
+        # One line per event, or the server would insert other rows than these.
+        assert bodies.count(_SEPARATOR) == len(rows) - 1, "an event body holds a newline"
         async with translate_errors("append events"), self._pool.acquire() as connection:
             status = await connection.execute(
                 _APPEND,
@@ -141,9 +172,8 @@ class LedgerStore:
                 lease.epoch,
                 self.owner,
                 first_seq - 1,
-                [row.seq for row in rows],
-                [row.type for row in rows],
-                [row.body for row in rows],
+                bodies.decode(),
+                "\n".join([row.type for row in rows]),
             )
         if status != f"INSERT 0 {len(rows)}":
             # The insert took no row: the fenced update matched none (asserted below, as
