@@ -300,7 +300,10 @@ def table(report: Report) -> str:
             f" (<= {TARGET_ADDED_P99_MS_MAX:g}: {mark[check.p99_ok]})"
             + ("" if check.healthy else ", run NOT HEALTHY")
         )
-    lines.append("cores used during each run ('other': anything else on the machine):")
+    lines.append(
+        "cores used during each run ('other': anything else on the machine; 'steal': taken"
+        " by the hypervisor, which freezes the whole machine)"
+    )
     for run in report.runs:
         keys = "" if run.keys is None else f" {run.keys} keys"
         lines.append(f"  {run.target:>7} {run.rate_per_s:>7,.0f}/s{keys}: {_cores(run.cores)}")

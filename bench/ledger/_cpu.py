@@ -7,6 +7,10 @@ the difference of two samples divided by the wall time is the cores each one use
 ``machine`` is every core's busy time (``/proc/stat``) and ``other`` what remains of it
 after the components: anything else running on the machine at the same time (the
 benchmark cannot stop it; a large ``other`` means the figures of that run are low).
+``steal`` is the time the hypervisor ran something else on our virtual cores: a virtual
+machine whose CPU is capped is frozen for whole scheduling periods (about 100 ms seen on
+the 2-core benchmark machine, every process at once) once its cores are busy, and every
+latency percentile above it is the machine's, not the code's.
 Outside Linux the samples are empty and the report leaves the columns out.
 """
 
@@ -52,14 +56,17 @@ def _children(parents: set[int]) -> list[int]:
     return found
 
 
-def _machine_busy_s() -> float:
+def _machine_s() -> tuple[float, float]:
+    """Seconds every core was busy (running anything but idle, iowait and steal), and
+    seconds stolen by the hypervisor."""
     try:
         first = (_PROC / "stat").read_text().splitlines()[0].split()
     except OSError:
-        return 0.0
-    # cpu user nice system idle iowait irq softirq steal ...: busy is all but idle, iowait.
+        return 0.0, 0.0
+    # cpu user nice system idle iowait irq softirq steal ...
     ticks = [int(value) for value in first[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS_PER_S
+    busy = sum(ticks) - ticks[3] - ticks[4] - ticks[7]
+    return busy / _TICKS_PER_S, ticks[7] / _TICKS_PER_S
 
 
 def sample(
@@ -73,7 +80,8 @@ def sample(
     ``with_reaped``: components whose own processes also count the children they have
     waited for (the ledger's snapshot forks, which live too briefly to be sampled).
     """
-    result: CpuSample = {"machine": {0: _machine_busy_s()}}
+    busy_s, stolen_s = _machine_s()
+    result: CpuSample = {"machine": {0: busy_s}, "steal": {0: stolen_s}}
     for name, pids in components.items():
         every = list(pids)
         if name in with_children:
@@ -99,8 +107,11 @@ def seconds_used(before: CpuSample, after: CpuSample) -> dict[str, float]:
 
 
 def cores_used(before: CpuSample, after: CpuSample, wall_s: float) -> dict[str, float]:
-    """Cores each component used between two samples, and ``other`` (see the module)."""
+    """Cores each component used between two samples, ``other`` and ``steal`` (see the
+    module)."""
     used = {name: round(spent / wall_s, 3) for name, spent in seconds_used(before, after).items()}
     machine = used.pop("machine")
+    steal = used.pop("steal", 0.0)
     used["other"] = round(max(0.0, machine - sum(used.values())), 3)
+    used["steal"] = steal
     return used

@@ -184,7 +184,8 @@ def table(measurements: Sequence[Measurement], verdict: Acceptance | None) -> st
             )
     lines.append(
         "us/pair: ledger process CPU per pair; 'other' below: CPU used by anything else on"
-        " the machine during the run"
+        " the machine during the run; 'steal': CPU the hypervisor took (a capped virtual"
+        " machine is frozen whole, for ~100 ms at a time: its latency tail is the machine's)"
     )
     lines.append("cores used during each run:")
     for m in measurements:

@@ -318,7 +318,7 @@ class Footprint:
         cpu_s = {
             name: round(spent, 3)
             for name, spent in _cpu.seconds_used(before.cpu, after.cpu).items()
-            if name != "machine"
+            if name not in ("machine", "steal")
         }
         pairs = result.completed_total
         new_events = deltas["events"]
