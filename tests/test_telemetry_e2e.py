@@ -258,7 +258,12 @@ async def test_metrics_endpoints_expose_the_counters_after_traffic(
         for _ in range(100):  # the settle and the auditor follow the response
             ledger = (await client.get(f"{ledger_url}/metrics")).text
             auditor = (await client.get(f"{auditor_url}/metrics")).text
-            if "spendgate_spend_committed_micros_total{" in auditor:
+            # The key, the grant, its commit and the denial: the commit may reach the
+            # auditor in an earlier message than the denial.
+            chained = "spendgate_auditor_events_chained_total " in auditor and (
+                metric_value(auditor, "spendgate_auditor_events_chained_total") >= 4
+            )
+            if chained and "spendgate_spend_committed_micros_total{" in auditor:
                 break
             await asyncio.sleep(0.1)
         probes = {
