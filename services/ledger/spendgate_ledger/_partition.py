@@ -6,6 +6,14 @@ decides and applies them one after another in memory, appends all their events i
 fenced transaction, and only then publishes the replies. If the append fails, nobody has
 seen the batch's results: every caller gets an error and the in-memory state is rebuilt
 from the log, which is the truth.
+
+The loop is pipelined one batch deep: while a batch's append is in flight, the next batch
+is decided on top of it in memory, and its append starts as soon as the first one has
+committed. So deciding overlaps the database's round trip and WAL flush instead of
+adding to it. Appends stay one at a time and in order, a batch's replies wait for its own
+commit, and if an append fails the batch decided on top of it fails too (nobody has seen
+either). A snapshot is taken only when nothing is decided on top of the last commit (the
+state then equals the log); when one is due the loop lets the append land first.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import msgspec
 
@@ -28,7 +37,7 @@ from spendgate_ledger._snapshot import SnapshotChildError, decode_snapshot, fork
 from spendgate_ledger._snapshot_store import SnapshotStore
 from spendgate_ledger._state import PartitionState, Sweep
 from spendgate_ledger._store import EventRow, Lease, LedgerStore
-from spendgate_ledger._telemetry import LedgerTelemetry, RequestTrace
+from spendgate_ledger._telemetry import BatchTrace, LedgerTelemetry, RequestTrace
 
 _log = logging.getLogger(__name__)
 
@@ -158,6 +167,20 @@ def fit_results(results: list[AnyResult], bytes_max: int) -> list[AnyResult]:
     return fitted
 
 
+@dataclass(slots=True)
+class _Decided:
+    """A batch decided and applied in memory, waiting for its append and replies."""
+
+    requests: list[PendingRequest]
+    first_seq: int
+    rows: list[EventRow]
+    replies: list[list[AnyResult]]
+    traced: BatchTrace | None
+    # With a traced batch: the number of events after each command (which command
+    # produced which event, so that each event carries its command's trace context).
+    ends: list[int] | None
+
+
 class PartitionWorker:
     def __init__(
         self,
@@ -174,8 +197,12 @@ class PartitionWorker:
         lease_fresh: Callable[[], bool],
         reply_bytes_max: int = NATS_PAYLOAD_BYTES_DEFAULT,
         telemetry: LedgerTelemetry | None = None,
+        on_task_done: Callable[[asyncio.Task[Any]], None] | None = None,
     ) -> None:
         self.lease = lease
+        # Called when a commit task ends, as for the service's own tasks: a broken
+        # invariant there ends the process at once, not at the next batch.
+        self._on_task_done = on_task_done
         # None when telemetry is off: then a batch pays nothing for it.
         self._telemetry = telemetry
         self.state = state
@@ -191,7 +218,9 @@ class PartitionWorker:
         self._snapshot_task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=queue_requests_max)
         self.fenced = False
-        self.busy = False
+        # Deciding a batch, or its append and replies in flight (shutdown waits for both).
+        self._deciding = False
+        self._committing: asyncio.Task[Failed | None] | None = None
 
     @property
     def partition(self) -> int:
@@ -219,81 +248,118 @@ class PartitionWorker:
             if self.state.holds:
                 self.submit(PendingRequest([Sweep()], ""))
 
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is being decided, or appended and answered."""
+        return self._deciding or (self._committing is not None and not self._committing.done())
+
     async def run(self) -> None:
         """Process batches until fenced (or cancelled by the service on shutdown)."""
-        while not self.fenced:
-            batch = [await self._queue.get()]
-            commands = len(batch[0].commands)
-            while commands < self._batch_commands_max and not self._queue.empty():
-                request = self._queue.get_nowait()
-                batch.append(request)
-                commands += len(request.commands)
-            await self._process(batch)
-
-    async def drain(self) -> None:
-        """Process what is already queued (used on graceful shutdown)."""
-        while not self._queue.empty() and not self.fenced:
-            await self._process([self._queue.get_nowait()])
-
-    async def _process(self, batch: list[PendingRequest]) -> None:
-        self.busy = True
         try:
-            await self._process_batch(batch)
+            while not self.fenced:
+                batch = await self._take()
+                if self._committing is not None and self._snapshot_due():
+                    # A snapshot needs the state to equal the log: decide nothing on top of
+                    # the append in flight; it snapshots when it lands (see _commit).
+                    await self._committing
+                self._deciding = True
+                try:
+                    await self._decide_and_commit(batch)
+                finally:
+                    self._deciding = False
+            if self._committing is not None:
+                await self._committing
         finally:
-            self.busy = False
+            if self._committing is not None and not self._committing.done():
+                self._committing.cancel()
 
-    async def _process_batch(self, batch: list[PendingRequest]) -> None:
+    async def _take(self) -> list[PendingRequest]:
+        """Every waiting request (at least one; at most ``batch_commands_max`` commands)."""
+        batch = [await self._queue.get()]
+        commands = len(batch[0].commands)
+        while commands < self._batch_commands_max and not self._queue.empty():
+            request = self._queue.get_nowait()
+            batch.append(request)
+            commands += len(request.commands)
+        return batch
+
+    async def _decide_and_commit(self, batch: list[PendingRequest]) -> None:
         if not self._lease_fresh():
             # Our lease may have passed to another replica: even an answer that writes
             # nothing (a query, an idempotent replay) could be stale. Let the caller retry.
             stale = Failed("not_owner", "this ledger replica cannot confirm it owns the partition")
             await self._reply_all(batch, [[stale] * len(r.commands) for r in batch])
             return
+        decided = self._decide(batch)
+        previous, self._committing = self._committing, None
+        # A broken invariant in the previous commit (an exception other than the failures
+        # _append translates) is raised here too, ending run().
+        failure = await previous if previous is not None else None
+        if failure is not None:
+            # Decided on a state that held the failed batch: nobody has seen either.
+            await self._reply_all(batch, [[failure] * len(r.commands) for r in batch])
+            return
+        self._committing = asyncio.create_task(
+            self._commit(decided), name=f"commit-{self.partition}"
+        )
+        if self._on_task_done is not None:
+            self._committing.add_done_callback(self._on_task_done)
+
+    def _decide(self, batch: list[PendingRequest]) -> _Decided:
+        """Decide and apply ``batch`` in memory (no awaits: nothing interleaves)."""
         now_ms = time.time_ns() // 1_000_000
-        first_seq = self.state.last_seq + 1
-        rows: list[EventRow] = []
-        replies: list[list[AnyResult]] = []
         telemetry = self._telemetry
         traced = None
         if telemetry is not None and telemetry.tracing:
-            traces = [request.trace for request in batch]
             traced = telemetry.begin_batch(
-                self.partition, traces, [len(request.commands) for request in batch]
+                self.partition,
+                [request.trace for request in batch],
+                [len(request.commands) for request in batch],
             )
-        # With a traced batch: the number of events after each command (which command
-        # produced which event, so that each event carries its command's trace context).
-        ends: list[int] | None = None if traced is None else []
+        decided = _Decided(batch, self.state.last_seq + 1, [], [], traced, None)
+        if traced is not None:
+            decided.ends = []
+        rows, ends, state = decided.rows, decided.ends, self.state
         for request in batch:
             results: list[AnyResult] = []
             for command in request.commands:
-                decision = self.state.decide(command, now_ms)
+                decision = state.decide(command, now_ms)
                 for event in decision.events:
-                    seq = self.state.last_seq + 1
-                    self.state.apply(seq, event)
+                    seq = state.last_seq + 1
+                    state.apply(seq, event)
                     rows.append(EventRow(seq, event_type(event), encode_event(event)))
                 results.append(decision.result)
                 if ends is not None:
                     ends.append(len(rows))
-            replies.append(results)
+            decided.replies.append(results)
+        return decided
+
+    async def _commit(self, decided: _Decided) -> Failed | None:
+        """Append ``decided``'s events, hand them to the relay, answer its requests; the
+        failure every request got, if the append failed."""
+        rows = decided.rows
         append_started_ns = time.time_ns()
-        failure = await self._append(first_seq, rows) if rows else None
+        failure = await self._append(decided.first_seq, rows) if rows else None
         append_ns = (append_started_ns, time.time_ns())
+        replies = decided.replies
         if failure is not None:
-            replies = [[failure] * len(request.commands) for request in batch]
+            replies = [[failure] * len(request.commands) for request in decided.requests]
         elif rows:
             traceparents = None
-            if traced is not None and ends is not None:
-                traceparents = traced.event_traceparents(rows, ends)
+            if decided.traced is not None and decided.ends is not None:
+                traceparents = decided.traced.event_traceparents(rows, decided.ends)
             self._relay.committed(rows, rows[-1].seq, traceparents)
-            self._maybe_snapshot()
-        await self._reply_all(batch, replies)
-        if telemetry is not None:
-            commands = [request.commands for request in batch]
-            telemetry.end_batch(traced, commands, replies, rows, append_ns, failure)
+            if self.state.last_seq == rows[-1].seq:
+                self._maybe_snapshot()  # nothing is decided on top: the state is the log
+        await self._reply_all(decided.requests, replies)
+        if self._telemetry is not None:
+            commands = [request.commands for request in decided.requests]
+            self._telemetry.end_batch(decided.traced, commands, replies, rows, append_ns, failure)
         if failure is not None and failure.code == "store_unavailable":
             # After the replies, so callers hear at once; the append may or may not have
             # landed, so the in-memory state is rebuilt from the log before the next batch.
             await self._reload()
+        return failure
 
     async def _reply_all(self, batch: list[PendingRequest], replies: list[list[AnyResult]]) -> None:
         for request, results in zip(batch, replies, strict=True):
@@ -303,10 +369,18 @@ class PartitionWorker:
                     body = encode_batch(ResultBatch(fit_results(results, self._reply_bytes_max)))
                 await self._reply(request.reply_subject, body)
 
+    def _snapshot_interval(self) -> int:
+        return max(self._loader.snapshot_every_events, self.state.entries() // 2)
+
+    def _snapshot_due(self) -> bool:
+        """Whether a snapshot is due and none is being written."""
+        writing = self._snapshot_task is not None and not self._snapshot_task.done()
+        return not writing and self.state.last_seq - self._snapshot_seq >= self._snapshot_interval()
+
     def _maybe_snapshot(self) -> None:
-        """Snapshot the state (it equals the log now: the batch just committed) and write
-        it in the background, one at a time, every ``snapshot_every_events`` events, or
-        every half as many events as the state holds records when that is more.
+        """Snapshot the state (the caller knows it equals the log) and write it in the
+        background, one at a time, every ``snapshot_every_events`` events, or every half
+        as many events as the state holds records when that is more.
 
         Encoding costs time in proportion to the state, so a fixed interval made a large
         state (a million settled ids kept for an hour) re-encode itself every few seconds
@@ -314,8 +388,7 @@ class PartitionWorker:
         interval at least half the state's size, the cost per event stays bounded (two
         records encoded per event), and recovery (decode the snapshot, replay the tail)
         stays proportional to the state's size."""
-        interval = max(self._loader.snapshot_every_events, self.state.entries() // 2)
-        if self.state.last_seq - self._snapshot_seq < interval:
+        if self.state.last_seq - self._snapshot_seq < self._snapshot_interval():
             return
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return

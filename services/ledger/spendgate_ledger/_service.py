@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -339,6 +340,7 @@ class LedgerService:
             lease_fresh=self._lease_fresh,
             reply_bytes_max=self._nats.max_payload,
             telemetry=self._telemetry if self._telemetry.active else None,
+            on_task_done=self._on_task_done,
         )
         tasks = (
             asyncio.create_task(worker.run(), name=f"partition-{lease.partition}"),
@@ -360,7 +362,7 @@ class LedgerService:
             "partition %d: owned at epoch %d (seq %d)", lease.partition, lease.epoch, state.last_seq
         )
 
-    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+    def _on_task_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled() or task.exception() is None:
             return
         error = task.exception()
