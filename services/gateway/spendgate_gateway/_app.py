@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
+import sniffio
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -29,11 +30,7 @@ from spendgate_gateway._reservations import DirectReservations
 from spendgate_gateway._responses import error_response, json_response
 from spendgate_gateway._settings import GatewaySettings
 from spendgate_gateway._telemetry import GatewayTelemetry, ServerSpans
-from spendgate_gateway._upstream_network import (
-    BoundedTransport,
-    sniffio_knows_asyncio,
-    use_upstream_network,
-)
+from spendgate_gateway._upstream_transport import UpstreamTransport
 
 _log = logging.getLogger(__name__)
 
@@ -44,17 +41,14 @@ def _upstream_client(
     settings: GatewaySettings, vendor: str, base_url: str, telemetry: GatewayTelemetry
 ) -> httpx.AsyncClient:
     limits = httpx.Limits(
+        # Requests in flight (and so connections open); more wait in order for the pool
+        # timeout.
         max_connections=settings.upstream_connections_max,
-        # httpcore looks at every idle pooled connection on each request: a pool larger
-        # than the steady concurrency costs CPU per call and grows under overload.
         max_keepalive_connections=min(
             settings.upstream_connections_max, settings.upstream_keepalive_max
         ),
     )
-    transport = BoundedTransport(
-        use_upstream_network(httpx.AsyncHTTPTransport(limits=limits, trust_env=False)),
-        settings.upstream_connections_max,
-    )
+    transport = UpstreamTransport(base_url, limits=limits)
     return httpx.AsyncClient(
         base_url=base_url,
         # Timed and traced per vendor when telemetry is on (the limits live in it).
@@ -76,6 +70,25 @@ def _upstream_client(
 
 def _no_cookies() -> CookieJar:
     return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
+@contextlib.contextmanager
+def sniffio_knows_asyncio() -> Iterator[None]:
+    """Tell sniffio, for this thread, that asyncio runs here.
+
+    anyio asks sniffio which async library runs each time it builds a cancel scope, an
+    event or a task group: Starlette's streaming responses (every relayed event stream)
+    and FastAPI's routing do. Unless told, sniffio finds out by calling
+    ``asyncio.current_task()`` each time (with httpcore under the upstream clients, about
+    a tenth of the gateway's CPU per proxied call). The gateway's thread runs nothing but
+    its asyncio loop.
+    """
+    previous = sniffio.thread_local.name
+    sniffio.thread_local.name = "asyncio"
+    try:
+        yield
+    finally:
+        sniffio.thread_local.name = previous
 
 
 def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) -> FastAPI:
