@@ -6,7 +6,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 import sniffio
@@ -30,6 +29,7 @@ from spendgate_gateway._reservations import DirectReservations
 from spendgate_gateway._responses import error_response, json_response
 from spendgate_gateway._settings import GatewaySettings
 from spendgate_gateway._telemetry import GatewayTelemetry, ServerSpans
+from spendgate_gateway._upstream_client import UpstreamClient
 from spendgate_gateway._upstream_transport import UpstreamTransport
 
 _log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ NATS_CONNECT_DEADLINE = timedelta(seconds=30)
 
 def _upstream_client(
     settings: GatewaySettings, vendor: str, base_url: str, telemetry: GatewayTelemetry
-) -> httpx.AsyncClient:
+) -> UpstreamClient:
     limits = httpx.Limits(
         # Requests in flight (and so connections open); more wait in order for the pool
         # timeout.
@@ -48,28 +48,17 @@ def _upstream_client(
             settings.upstream_connections_max, settings.upstream_keepalive_max
         ),
     )
-    transport = UpstreamTransport(base_url, limits=limits)
-    return httpx.AsyncClient(
-        base_url=base_url,
+    return UpstreamClient(
+        base_url,
         # Timed and traced per vendor when telemetry is on (the limits live in it).
-        transport=telemetry.upstream_transport(vendor, transport),
+        transport=telemetry.upstream_transport(vendor, UpstreamTransport(base_url, limits=limits)),
         timeout=httpx.Timeout(
             connect=settings.upstream_connect_timeout.total_seconds(),
             read=settings.upstream_read_timeout.total_seconds(),
             write=settings.upstream_read_timeout.total_seconds(),
             pool=settings.upstream_connect_timeout.total_seconds(),
         ),
-        # Redirects from a payment API are not ours to follow with the real key.
-        follow_redirects=False,
-        trust_env=False,
-        # One client serves every tenant: a cookie a vendor sets for one caller must never
-        # be sent on another's call, so none is kept.
-        cookies=_no_cookies(),
     )
-
-
-def _no_cookies() -> CookieJar:
-    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 
 import httpx
 from opentelemetry import context as otel_context
@@ -49,6 +49,7 @@ from spendgate_common.telemetry import (
     traceparent_of,
     why_event,
 )
+from spendgate_gateway._upstream_transport import ForwardingTransport, UpstreamTransport
 
 # Requests that are not calls: probes and scrapes get no span.
 UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -95,9 +96,7 @@ class GatewayTelemetry:
     def ledger_observer(self) -> LedgerObserver | None:
         return LedgerObserver(self) if self.active else None
 
-    def upstream_transport(
-        self, vendor: str, transport: httpx.AsyncBaseTransport
-    ) -> httpx.AsyncBaseTransport:
+    def upstream_transport(self, vendor: str, transport: UpstreamTransport) -> ForwardingTransport:
         """``transport`` measured for ``vendor`` when telemetry is on, else itself."""
         return MeasuredTransport(transport, vendor, self) if self.active else transport
 
@@ -243,20 +242,36 @@ class ServerSpans:
             otel_context.detach(token)
 
 
-class MeasuredTransport(httpx.AsyncBaseTransport):
+class MeasuredTransport(ForwardingTransport):
     """A vendor's transport, timed to the response headers (streams are read later), with
-    a CLIENT span when tracing is on. The vendor's key is in the request's headers, which
-    are never recorded, nor is the path or the query."""
+    a CLIENT span when tracing is on; both ways in (httpx's and the proxy's) alike. The
+    vendor's key is in the request's headers, which are never recorded, nor is the path
+    or the query."""
 
-    def __init__(
-        self, inner: httpx.AsyncBaseTransport, vendor: str, telemetry: GatewayTelemetry
-    ) -> None:
+    def __init__(self, inner: UpstreamTransport, vendor: str, telemetry: GatewayTelemetry) -> None:
         self._inner = inner
         self._vendor = vendor
         self._tracer = telemetry.tracer
         self._duration = telemetry.upstream_duration
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._measured(request.method, self._inner.handle_async_request(request))
+
+    async def send(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes | httpx.AsyncByteStream,
+        timeouts: Mapping[str, float | None],
+    ) -> httpx.Response:
+        return await self._measured(
+            method.decode("ascii"), self._inner.send(method, target, headers, body, timeouts)
+        )
+
+    async def _measured(
+        self, method: str, response: Coroutine[object, object, httpx.Response]
+    ) -> httpx.Response:
         span: Span | None = None
         if self._tracer is not None:
             span = self._tracer.start_span(
@@ -264,25 +279,25 @@ class MeasuredTransport(httpx.AsyncBaseTransport):
                 kind=SpanKind.CLIENT,
                 attributes={
                     VENDOR: self._vendor,
-                    "http.request.method": request.method,
-                    "server.address": request.url.host,
+                    "http.request.method": method,
+                    "server.address": self._inner.host,
                 },
             )
         started = time.perf_counter()
         try:
-            response = await self._inner.handle_async_request(request)
+            answer = await response
         except BaseException as error:
             self._measure(started, {"error.type": type(error).__name__}, span)
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
                 span.end()
             raise
-        self._measure(started, {"http.response.status_code": response.status_code}, span)
+        self._measure(started, {"http.response.status_code": answer.status_code}, span)
         if span is not None:
-            if response.status_code >= 500:
+            if answer.status_code >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
-        return response
+        return answer
 
     def _measure(self, started: float, outcome: dict[str, str | int], span: Span | None) -> None:
         if self._duration is not None:

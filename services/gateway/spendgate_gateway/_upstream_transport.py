@@ -37,7 +37,27 @@ from spendgate_gateway._upstream_network import connect, wait_at_most
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class UpstreamTransport(httpx.AsyncBaseTransport):
+class ForwardingTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that also takes a request already in bytes: :meth:`send`, the
+    proxy's way in (``UpstreamClient.forward``). Implemented by :class:`UpstreamTransport`
+    and by the telemetry's measuring wrapper around it."""
+
+    async def send(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes | httpx.AsyncByteStream,
+        timeouts: Mapping[str, float | None],
+    ) -> httpx.Response:
+        """Send one request to the transport's origin; its response once its head
+        arrived (the body streams). ``target`` is the path and query, ``headers`` all of
+        them (Host, and Content-Length or ``Transfer-Encoding: chunked`` for a body,
+        included), ``timeouts`` httpx's ``Timeout.as_dict()``."""
+        raise NotImplementedError
+
+
+class UpstreamTransport(ForwardingTransport):
     """HTTP/1.1 to ``base_url``'s origin within ``limits``; TLS for https with ``verify``
     (httpx's meaning: True checks certificates against certifi's roots, or an
     ``ssl.SSLContext`` of your own)."""
@@ -96,10 +116,10 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         body: bytes | httpx.AsyncByteStream,
         timeouts: Mapping[str, float | None],
     ) -> httpx.Response:
-        """Send one request to this transport's origin; its response once its head
-        arrived (the body streams). ``target`` is the path and query, ``headers`` all of
-        them (Host, and Content-Length or ``Transfer-Encoding: chunked`` for a body,
-        included), ``timeouts`` httpx's ``Timeout.as_dict()``."""
+        """See :meth:`ForwardingTransport.send`. What the proxy calls directly: an
+        ``AsyncClient`` builds and merges a request object per call (URL parsing, header
+        normalisation, cookies, auth and redirect plumbing) that a proxy with none of
+        those needs (docs/decisions.md)."""
         if self._closed:
             raise httpx.ConnectError("the transport is closed")
         head = request_head(method, target, headers)
@@ -133,6 +153,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             self._discard(connection)
 
     # ---------------------------------------------------------------------- the pool
+
+    @property
+    def host(self) -> str:
+        """The origin's host name (or address)."""
+        return self._host
 
     @property
     def _origin(self) -> str:
