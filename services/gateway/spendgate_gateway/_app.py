@@ -135,6 +135,11 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) ->
         version="0.1.0",
         description="Budget enforcement proxy and control plane. See docs/api.md.",
         lifespan=lifespan,
+        # The gateway's spans and metrics are its own (_telemetry.py: chosen attributes,
+        # never request data). FastAPI's would record paths once a global OpenTelemetry
+        # provider is set, and even off it asks three providers on every request (2-3 %
+        # of the gateway's CPU per proxied call: bench/gateway, py-spy).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
 
     @app.exception_handler(SpendgateError)

@@ -166,7 +166,9 @@ class Proxy:
                 "invalid_key", "present a Spendgate vault key (sgk_...) as the API key", status=401
             )
         body = await read_body(request, self._settings.body_bytes_max)
-        agent_call = Call(request.method, path, request.url.query, request.headers, body)
+        # The query as received (Starlette's request.url would parse the whole URL).
+        query = request.scope["query_string"].decode("latin-1")
+        agent_call = Call(request.method, path, query, request.headers, body)
         estimate = self._pricer.estimate(vendor, agent_call)
         reserve = Reserve(
             tenant=key.tenant,
