@@ -253,7 +253,12 @@ async def test_metrics_endpoints_expose_the_counters_after_traffic(
         for _ in range(100):  # the settle and the auditor follow the response
             ledger = (await client.get(f"{ledger_url}/metrics")).text
             auditor = (await client.get(f"{auditor_url}/metrics")).text
-            if "spendgate_spend_committed_micros_total{" in auditor:
+            # The commit can precede the denial in the log and be chained a batch before
+            # it: wait for all four events (key, grant, commit, denial), not the spend alone.
+            if (
+                "spendgate_spend_committed_micros_total{" in auditor
+                and metric_value(auditor, "spendgate_auditor_events_chained_total") >= 4
+            ):
                 break
             await asyncio.sleep(0.1)
         probes = {
