@@ -12,6 +12,7 @@ import asyncio
 import socket
 import struct
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from spendgate_gateway._upstream_transport import UpstreamTransport
 from tests.upstream_server import (
     CLIENT_TIMEOUT_S,
+    Upstream,
     answer_requests,
     client,
     keeps_alive,
@@ -167,34 +169,31 @@ async def test_a_streamed_request_body_is_sent_in_chunks() -> None:
 # ----------------------------------------------------------------- broken answers, errors
 
 
-async def test_a_body_cut_short_is_a_remote_protocol_error() -> None:
-    async def cuts_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf", "complete message body"),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            "complete message body",
+        ),
+        (b"", "without sending a response"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "malformed"),
+    ],
+    ids=["cut-short", "chunked-cut-short", "no-answer", "not-http"],
+)
+async def test_a_broken_answer_then_close_is_a_remote_protocol_error(
+    answer: bytes, message: str
+) -> None:
+    async def answers_then_closes(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
+        writer.write(answer)
         await writer.drain()
 
-    async with serve(cuts_short) as upstream, client(upstream.url) as http:
-        with pytest.raises(httpx.RemoteProtocolError, match="complete message body"):
-            await http.get("/")
-
-
-async def test_a_chunked_body_cut_short_is_a_remote_protocol_error() -> None:
-    async def cuts_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        await writer.drain()
-
-    async with serve(cuts_short) as upstream, client(upstream.url) as http:
-        with pytest.raises(httpx.RemoteProtocolError, match="complete message body"):
-            await http.get("/")
-
-
-async def test_a_server_that_closes_without_answering_is_a_remote_protocol_error() -> None:
-    async def hangs_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-
-    async with serve(hangs_up) as upstream, client(upstream.url) as http:
-        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+    async with serve(answers_then_closes) as upstream, client(upstream.url) as http:
+        with pytest.raises(httpx.RemoteProtocolError, match=message):
             await http.get("/")
 
 
@@ -216,18 +215,6 @@ async def test_a_connection_reset_mid_body_is_a_read_error() -> None:
     ):
         with pytest.raises(httpx.ReadError):
             await streamed.aread()
-
-
-async def test_bytes_that_are_not_http_are_a_remote_protocol_error() -> None:
-    async def garbles(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await writer.drain()
-        await reader.read()
-
-    async with serve(garbles) as upstream, client(upstream.url) as http:
-        with pytest.raises(httpx.RemoteProtocolError, match="malformed"):
-            await http.get("/")
 
 
 async def test_bytes_after_a_complete_answer_retire_the_connection() -> None:
@@ -451,12 +438,20 @@ async def test_at_most_max_connections_requests_are_in_flight_and_the_rest_queue
     assert upstream.connections_accepted == 2
 
 
-async def test_a_slot_is_held_until_the_response_is_closed() -> None:
+@asynccontextmanager
+async def _only_slot_taken(
+    pool_timeout_s: float,
+) -> AsyncIterator[tuple[Upstream, httpx.AsyncClient, httpx.Response]]:
+    """A client with one slot, taken by a response not yet read or closed."""
     async with (
         serve(keeps_alive) as upstream,
-        _bounded(upstream.url, limit=1, pool_timeout_s=SHORT_POOL_TIMEOUT_S) as http,
+        _bounded(upstream.url, limit=1, pool_timeout_s=pool_timeout_s) as http,
     ):
-        streamed = await http.send(http.build_request("GET", "/"), stream=True)
+        yield upstream, http, await http.send(http.build_request("GET", "/"), stream=True)
+
+
+async def test_a_slot_is_held_until_the_response_is_closed() -> None:
+    async with _only_slot_taken(SHORT_POOL_TIMEOUT_S) as (upstream, http, streamed):
         # The only slot is taken by a response not yet closed: the next call times out in
         # the queue, as an httpx pool timeout (nothing was sent).
         with pytest.raises(httpx.PoolTimeout):
@@ -468,11 +463,7 @@ async def test_a_slot_is_held_until_the_response_is_closed() -> None:
 
 
 async def test_a_closed_response_hands_its_slot_to_the_first_waiter() -> None:
-    async with (
-        serve(keeps_alive) as upstream,
-        _bounded(upstream.url, limit=1, pool_timeout_s=CLIENT_TIMEOUT_S) as http,
-    ):
-        streamed = await http.send(http.build_request("GET", "/"), stream=True)
+    async with _only_slot_taken(CLIENT_TIMEOUT_S) as (_, http, streamed):
         waiting = [asyncio.create_task(http.get("/")) for _ in range(3)]
         await asyncio.sleep(0.05)
         assert not any(task.done() for task in waiting)

@@ -51,8 +51,12 @@ def _upstream_client(
     )
     return UpstreamClient(
         base_url,
-        # Timed and traced per vendor when telemetry is on (the limits live in it).
-        transport=telemetry.upstream_transport(vendor, UpstreamTransport(base_url, limits=limits)),
+        transport=UpstreamTransport(
+            base_url,
+            limits=limits,
+            # Timed and traced per vendor when telemetry is on.
+            observer=telemetry.upstream_observer(vendor),
+        ),
         timeout=httpx.Timeout(
             connect=settings.upstream_connect_timeout.total_seconds(),
             read=settings.upstream_read_timeout.total_seconds(),

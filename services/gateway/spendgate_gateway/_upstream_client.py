@@ -18,7 +18,7 @@ from urllib.parse import quote_from_bytes
 
 import httpx
 
-from spendgate_gateway._upstream_transport import ForwardingTransport
+from spendgate_gateway._upstream_transport import UpstreamTransport
 
 # Methods whose request carries a body: an empty one is sent as Content-Length: 0, as
 # httpx does.
@@ -36,7 +36,7 @@ class UpstreamClient(httpx.AsyncClient):
     proxies or certificates from the environment."""
 
     def __init__(
-        self, base_url: str, *, transport: ForwardingTransport, timeout: httpx.Timeout
+        self, base_url: str, *, transport: UpstreamTransport, timeout: httpx.Timeout
     ) -> None:
         super().__init__(
             base_url=base_url,

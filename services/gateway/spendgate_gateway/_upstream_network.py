@@ -5,7 +5,7 @@ stream as they arrive, so "did the vendor close this idle connection?" is an att
 read, and a read or a write with a timeout is a future and a timer (no anyio scopes, no
 ``select.poll`` per question, which is what httpcore's default backend did; see
 docs/decisions.md). This module knows sockets, TLS and timeouts; what the bytes mean is
-the HTTP/1.1 layer's (``_upstream_transport``), which subclasses :class:`Connection`.
+the HTTP/1.1 layer's (``_upstream_http11``), which subclasses :class:`Connection`.
 
 Failures are httpx's exceptions, raised here where they are detected: ``ConnectError`` /
 ``ConnectTimeout`` while connecting (TLS handshake and certificate checks included),

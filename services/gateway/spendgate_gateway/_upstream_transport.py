@@ -28,6 +28,7 @@ import asyncio
 import ssl
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Protocol
 
 import httpx
 
@@ -37,30 +38,25 @@ from spendgate_gateway._upstream_network import connect, wait_at_most
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class ForwardingTransport(httpx.AsyncBaseTransport):
-    """An httpx transport that also takes a request already in bytes: :meth:`send`, the
-    proxy's way in (``UpstreamClient.forward``). Implemented by :class:`UpstreamTransport`
-    and by the telemetry's measuring wrapper around it."""
+class ObservedExchange(Protocol):
+    """One exchange being observed: told how it ended, once."""
 
-    async def send(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: bytes | httpx.AsyncByteStream,
-        timeouts: Mapping[str, float | None],
-    ) -> httpx.Response:
-        """Send one request to the transport's origin; its response once its head
-        arrived (the body streams). ``target`` is the path and query, ``headers`` all of
-        them (Host, and Content-Length or ``Transfer-Encoding: chunked`` for a body,
-        included), ``timeouts`` httpx's ``Timeout.as_dict()``."""
-        raise NotImplementedError
+    def answered(self, status_code: int) -> None: ...
+
+    def failed(self, error: BaseException) -> None: ...
 
 
-class UpstreamTransport(ForwardingTransport):
+class ExchangeObserver(Protocol):
+    """Telemetry around each exchange (``spendgate_gateway._telemetry.UpstreamObserver``),
+    from sending the request to the response's head."""
+
+    def start(self, method: bytes, host: str) -> ObservedExchange: ...
+
+
+class UpstreamTransport(httpx.AsyncBaseTransport):
     """HTTP/1.1 to ``base_url``'s origin within ``limits``; TLS for https with ``verify``
     (httpx's meaning: True checks certificates against certifi's roots, or an
-    ``ssl.SSLContext`` of your own)."""
+    ``ssl.SSLContext`` of your own); each exchange through ``observer`` if given."""
 
     def __init__(
         self,
@@ -68,6 +64,7 @@ class UpstreamTransport(ForwardingTransport):
         *,
         limits: httpx.Limits,
         verify: ssl.SSLContext | bool = True,
+        observer: ExchangeObserver | None = None,
     ) -> None:
         url = httpx.URL(base_url)
         if url.scheme not in _DEFAULT_PORTS or not url.host:
@@ -90,6 +87,7 @@ class UpstreamTransport(ForwardingTransport):
         # Every open connection, idle or not, so that aclose closes them all.
         self._connections: set[HTTP11Connection] = set()
         self._closed = False
+        self._observer = observer
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """httpx's entry: ``request`` as an ``AsyncClient`` built it (Host and body
@@ -116,25 +114,37 @@ class UpstreamTransport(ForwardingTransport):
         body: bytes | httpx.AsyncByteStream,
         timeouts: Mapping[str, float | None],
     ) -> httpx.Response:
-        """See :meth:`ForwardingTransport.send`. What the proxy calls directly: an
-        ``AsyncClient`` builds and merges a request object per call (URL parsing, header
-        normalisation, cookies, auth and redirect plumbing) that a proxy with none of
-        those needs (docs/decisions.md)."""
+        """Send one request to this transport's origin; its response once its head
+        arrived (the body streams). ``target`` is the path and query, ``headers`` all of
+        them (Host, and Content-Length or ``Transfer-Encoding: chunked`` for a body,
+        included), ``timeouts`` httpx's ``Timeout.as_dict()``.
+
+        What the proxy calls directly (``UpstreamClient.forward``): an ``AsyncClient``
+        builds and merges a request object per call (URL parsing, header normalisation,
+        cookies, auth and redirect plumbing) that a proxy with none of those needs.
+        """
         if self._closed:
             raise httpx.ConnectError("the transport is closed")
         head = request_head(method, target, headers)
-        await self._slots.take(timeouts.get("pool"))
+        observed = None if self._observer is None else self._observer.start(method, self._host)
+        connection: HTTP11Connection | None = None
+        slot_taken = False
         try:
+            await self._slots.take(timeouts.get("pool"))
+            slot_taken = True
             connection = self._idle_connection() or await self._connect(timeouts.get("connect"))
-            try:
-                connection.begin(method, headers)
-                await connection.exchange(head, body, timeouts.get("write"), timeouts.get("read"))
-            except BaseException:
+            connection.begin(method, headers)
+            await connection.exchange(head, body, timeouts.get("write"), timeouts.get("read"))
+        except BaseException as error:
+            if connection is not None:
                 self._discard(connection)
-                raise
-        except BaseException:
-            self._slots.give_back()
+            if slot_taken:
+                self._slots.give_back()
+            if observed is not None:
+                observed.failed(error)
             raise
+        if observed is not None:
+            observed.answered(connection.status_code)
         return httpx.Response(
             connection.status_code,
             headers=connection.headers,
@@ -153,11 +163,6 @@ class UpstreamTransport(ForwardingTransport):
             self._discard(connection)
 
     # ---------------------------------------------------------------------- the pool
-
-    @property
-    def host(self) -> str:
-        """The origin's host name (or address)."""
-        return self._host
 
     @property
     def _origin(self) -> str:
