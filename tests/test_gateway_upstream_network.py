@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -337,3 +338,46 @@ async def test_a_large_body_read_slowly_arrives_whole() -> None:
                 assert connection._body_bytes < 2 * READ_BUFFER_HIGH
     assert len(received) == len(body)
     assert received == body
+
+
+# ------------------------------------------------------------------------------- uvloop
+
+
+def test_the_transport_on_uvloop_as_the_gateway_runs_it(certificate: _Certificate) -> None:
+    """The tests above run on asyncio's own loop; the gateway runs on uvloop (uvicorn picks
+    it), whose transports and TLS are its own: the same behaviours, once, on uvloop."""
+    body = random.Random(11).randbytes(LARGE_BODY_BYTES)
+
+    async def large_or_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        writer.write(response(body if head.startswith(b"GET /large ") else b"ok"))
+        await writer.drain()  # then closes: the pooled connection is closed while idle
+
+    async def scenario() -> None:
+        assert "uvloop" in type(asyncio.get_running_loop()).__module__
+        context = _server_ssl_context(certificate)
+        async with (
+            serve(large_or_once, ssl_context=context) as upstream,
+            client(upstream.url, verify=_trusting(certificate)) as http,
+        ):
+            for attempt in range(1, 3):
+                assert (await http.get("/")).content == b"ok"
+                assert upstream.connections_accepted == attempt
+                await asyncio.sleep(FIN_DELIVERY_S)
+            async with http.stream("GET", "/large") as streamed:
+                connection = streamed.extensions["network_stream"]
+                received = bytearray()
+                async for chunk in streamed.aiter_raw():
+                    if not received:
+                        await asyncio.sleep(SLOW_READER_PAUSE_S)
+                        assert connection._reading_paused
+                    received += chunk
+            assert received == body
+        async with (
+            serve(keeps_alive, ssl_context=context) as upstream,
+            client(upstream.url, verify=ssl.create_default_context()) as http,
+        ):
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await http.get("/")
+
+    uvloop.run(scenario())
