@@ -456,6 +456,10 @@ async def test_a_slot_is_held_until_the_response_is_closed() -> None:
         # the queue, as an httpx pool timeout (nothing was sent).
         with pytest.raises(httpx.PoolTimeout):
             await http.get("/")
+        # The timed-out waiter left the queue (it does not wait there for a slot).
+        transport = http._transport
+        assert isinstance(transport, UpstreamTransport)
+        assert not transport._slots._waiters
         await streamed.aread()
         await streamed.aclose()
         assert (await http.get("/")).text == "ok"

@@ -25,6 +25,7 @@ key must never go elsewhere).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -261,9 +262,14 @@ class _Slots:
         try:
             await wait_at_most(waiter, limit_s, httpx.PoolTimeout, "no upstream connection free")
         except BaseException:
-            # Handed a slot (give_back) but cancelled before running on: pass it on.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed a slot (give_back) but cancelled before running on: pass it on.
                 self.give_back()
+            else:
+                # Timed out or cancelled while waiting: leave the queue now (a scan, on this
+                # path only), so that waiters behind a stuck vendor cannot pile up in it.
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
             raise
 
     def give_back(self) -> None:
