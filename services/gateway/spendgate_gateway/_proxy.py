@@ -47,6 +47,7 @@ from spendgate_gateway._failures import exception_status_code_message, failed_st
 from spendgate_gateway._ledger_client import LedgerClient
 from spendgate_gateway._responses import error_response, json_response, read_body
 from spendgate_gateway._settings import GatewaySettings
+from spendgate_gateway._upstream_client import UpstreamClient
 from spendgate_gateway._views import denial
 from spendgate_gateway.vendors import VENDORS, Call, Estimate, Outcome, StreamMeter, Vendor
 from spendgate_gateway.vendors._degrade import model_of
@@ -57,39 +58,39 @@ _log = logging.getLogger(__name__)
 # RFC 9110 section 7.6.1: connection-specific headers are never forwarded.
 HOP_BY_HOP_HEADERS = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
 # Never forwarded upstream: our credential, the routing we decide ourselves, lengths that
 # httpx recomputes, and headers that could steer the upstream host or our view of it.
 _REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | {
-    "authorization",
-    "host",
-    "content-length",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "x-real-ip",
-    "x-api-key",
+    b"authorization",
+    b"host",
+    b"content-length",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+    b"x-forwarded-port",
+    b"x-real-ip",
+    b"x-api-key",
     # The gateway reads answers (usage, streamed events), so it negotiates the upstream
     # encoding itself (httpx offers only what it decodes) and answers uncompressed.
-    "accept-encoding",
+    b"accept-encoding",
 }
 _RESPONSE_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | {
-    "content-length",
-    "content-encoding",
-    "server",
-    "date",
+    b"content-length",
+    b"content-encoding",
+    b"server",
+    b"date",
 }
 # A path segment: letters, digits and a few safe characters. No "..", no empty segment.
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.~:@!$'()*+,;=-]{1,200}$")
@@ -111,11 +112,20 @@ class Proxy:
         self,
         settings: GatewaySettings,
         ledger: LedgerClient,
-        clients: dict[str, httpx.AsyncClient],
+        clients: dict[str, UpstreamClient],
     ) -> None:
         self._settings = settings
         self._ledger = ledger
         self._clients = clients
+        # The headers that carry each configured vendor's real key, encoded once.
+        self._auth_headers = {
+            name: [
+                (header.encode("latin-1"), value.encode("latin-1"))
+                for header, value in VENDORS[name].upstream_auth_headers(vendor.api_key).items()
+            ]
+            for name, vendor in settings.vendors.items()
+            if vendor.api_key is not None
+        }
         # Estimators configured by the settings, and fixed costs (vendors/_pricer.py).
         self._pricer = Pricer(settings)
         self._settling: set[asyncio.Task[None]] = set()
@@ -156,7 +166,9 @@ class Proxy:
                 "invalid_key", "present a Spendgate vault key (sgk_...) as the API key", status=401
             )
         body = await read_body(request, self._settings.body_bytes_max)
-        agent_call = Call(request.method, path, request.url.query, request.headers, body)
+        # The query as received (Starlette's request.url would parse the whole URL).
+        query = request.scope["query_string"].decode("latin-1")
+        agent_call = Call(request.method, path, query, request.headers, body)
         estimate = self._pricer.estimate(vendor, agent_call)
         reserve = Reserve(
             tenant=key.tenant,
@@ -214,23 +226,17 @@ class Proxy:
         self, request: Request, call: _Call, grant: Granted, path: str, body: bytes
     ) -> Response:
         vendor = call.vendor
-        api_key = self._settings.vendors[vendor.name].api_key
-        assert api_key is not None
-        dropped = _REQUEST_HEADERS_DROPPED | _connection_listed(request)
-        headers = {name: value for name, value in request.headers.items() if name not in dropped}
-        headers.update(vendor.upstream_auth_headers(api_key))
         client = self._clients[vendor.name]
         estimate = call.estimate
-        upstream_request = client.build_request(
-            request.method,
-            "/" + (estimate.upstream_path or path),
-            params=request.url.query or None,
-            headers=headers,
-            content=body if estimate.upstream_body is None else estimate.upstream_body,
-        )
         meter: StreamMeter | None = None
         try:
-            upstream = await client.send(upstream_request, stream=True)
+            upstream = await client.forward(
+                request.method,
+                estimate.upstream_path or path,
+                request.scope["query_string"],
+                _forwarded_headers(request.scope["headers"], self._auth_headers[vendor.name]),
+                body if estimate.upstream_body is None else estimate.upstream_body,
+            )
             if _is_event_stream(upstream):
                 meter = vendor.stream_meter(upstream.status_code, estimate)
             if meter is None:
@@ -447,8 +453,8 @@ def _is_event_stream(upstream: httpx.Response) -> bool:
 
 def _response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
     return [
-        (name.encode("latin-1"), value.encode("latin-1"))
-        for name, value in upstream.headers.multi_items()
+        (name, value)
+        for name, value in upstream.headers.raw
         if name.lower() not in _RESPONSE_HEADERS_DROPPED
     ]
 
@@ -474,10 +480,18 @@ def _idempotency_key(vendor: Vendor, request: Request) -> str | None:
     return None
 
 
-def _connection_listed(request: Request) -> frozenset[str]:
-    """Header names listed in ``Connection`` are hop-by-hop too (RFC 9110 7.6.1)."""
-    listed = request.headers.get("connection", "")
-    return frozenset(name.strip().lower() for name in listed.split(",") if name.strip())
+def _forwarded_headers(
+    received: list[tuple[bytes, bytes]], auth: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """The agent's headers (ASGI's: lowercase names) that go upstream, then ``auth``."""
+    dropped = _REQUEST_HEADERS_DROPPED
+    for name, value in received:
+        if name == b"connection":
+            # Header names listed in Connection are hop-by-hop too (RFC 9110 7.6.1).
+            dropped = dropped | {listed.strip().lower() for listed in value.split(b",")}
+    forwarded = [(name, value) for name, value in received if name not in dropped]
+    forwarded.extend(auth)
+    return forwarded
 
 
 def _denied_response(vendor: Vendor, denied: Denied) -> Response:

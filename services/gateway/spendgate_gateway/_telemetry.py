@@ -4,13 +4,13 @@ Trace shape of one call::
 
     POST /{vendor}/{path}            SERVER  (ServerSpans; the agent's traceparent is its parent)
     ├── ledger.request Reserve       CLIENT  (LedgerObserver; its traceparent goes to the ledger)
-    ├── upstream stripe              CLIENT  (MeasuredTransport; until the response headers)
+    ├── upstream stripe              CLIENT  (UpstreamObserver; until the response headers)
     └── ledger.request Commit        CLIENT  (the settle, after the response)
 
 The decision attributes (``spendgate.*``) are set on the server span and on the reserve's
 client span; a stop or refusal adds a span event saying why. With tracing off nothing
 here builds a span or formats a header; with metrics off too, the ledger client and the
-upstream clients are not wrapped at all (``GatewayTelemetry.active`` is False).
+upstream clients are not observed at all (``GatewayTelemetry.active`` is False).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import Histogram
@@ -95,11 +94,9 @@ class GatewayTelemetry:
     def ledger_observer(self) -> LedgerObserver | None:
         return LedgerObserver(self) if self.active else None
 
-    def upstream_transport(
-        self, vendor: str, transport: httpx.AsyncBaseTransport
-    ) -> httpx.AsyncBaseTransport:
-        """``transport`` measured for ``vendor`` when telemetry is on, else itself."""
-        return MeasuredTransport(transport, vendor, self) if self.active else transport
+    def upstream_observer(self, vendor: str) -> UpstreamObserver | None:
+        """What times and traces ``vendor``'s exchanges; None when telemetry is off."""
+        return UpstreamObserver(self, vendor) if self.active else None
 
     async def metrics_response(self) -> Response:
         body, content_type = await asyncio.to_thread(self.telemetry.exposition)
@@ -243,52 +240,56 @@ class ServerSpans:
             otel_context.detach(token)
 
 
-class MeasuredTransport(httpx.AsyncBaseTransport):
-    """A vendor's transport, timed to the response headers (streams are read later), with
+class UpstreamObserver:
+    """A vendor's exchanges, timed to the response headers (streams are read later), with
     a CLIENT span when tracing is on. The vendor's key is in the request's headers, which
     are never recorded, nor is the path or the query."""
 
-    def __init__(
-        self, inner: httpx.AsyncBaseTransport, vendor: str, telemetry: GatewayTelemetry
-    ) -> None:
-        self._inner = inner
-        self._vendor = vendor
-        self._tracer = telemetry.tracer
-        self._duration = telemetry.upstream_duration
+    def __init__(self, telemetry: GatewayTelemetry, vendor: str) -> None:
+        self.vendor = vendor
+        self.tracer = telemetry.tracer
+        self.duration = telemetry.upstream_duration
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    def start(self, method: bytes, host: str) -> _UpstreamExchange:
         span: Span | None = None
-        if self._tracer is not None:
-            span = self._tracer.start_span(
-                f"upstream {self._vendor}",
+        if self.tracer is not None:
+            span = self.tracer.start_span(
+                f"upstream {self.vendor}",
                 kind=SpanKind.CLIENT,
                 attributes={
-                    VENDOR: self._vendor,
-                    "http.request.method": request.method,
-                    "server.address": request.url.host,
+                    VENDOR: self.vendor,
+                    "http.request.method": method.decode("ascii"),
+                    "server.address": host,
                 },
             )
-        started = time.perf_counter()
-        try:
-            response = await self._inner.handle_async_request(request)
-        except BaseException as error:
-            self._measure(started, {"error.type": type(error).__name__}, span)
-            if span is not None:
-                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-                span.end()
-            raise
-        self._measure(started, {"http.response.status_code": response.status_code}, span)
-        if span is not None:
-            if response.status_code >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-            span.end()
-        return response
+        return _UpstreamExchange(self, span)
 
-    def _measure(self, started: float, outcome: dict[str, str | int], span: Span | None) -> None:
-        if self._duration is not None:
-            self._duration.record(time.perf_counter() - started, {VENDOR: self._vendor, **outcome})
-        if span is not None:
-            span.set_attributes(outcome)
 
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+class _UpstreamExchange:
+    __slots__ = ("_observer", "_span", "_started")
+
+    def __init__(self, observer: UpstreamObserver, span: Span | None) -> None:
+        self._observer = observer
+        self._span = span
+        self._started = time.perf_counter()
+
+    def answered(self, status_code: int) -> None:
+        self._measure({"http.response.status_code": status_code})
+        if self._span is not None:
+            if status_code >= 500:
+                self._span.set_status(Status(StatusCode.ERROR))
+            self._span.end()
+
+    def failed(self, error: BaseException) -> None:
+        self._measure({"error.type": type(error).__name__})
+        if self._span is not None:
+            self._span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            self._span.end()
+
+    def _measure(self, outcome: dict[str, str | int]) -> None:
+        observer = self._observer
+        if observer.duration is not None:
+            seconds = time.perf_counter() - self._started
+            observer.duration.record(seconds, {VENDOR: observer.vendor, **outcome})
+        if self._span is not None:
+            self._span.set_attributes(outcome)
