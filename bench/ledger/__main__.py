@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -116,6 +117,12 @@ class Bench:
         return self.workers
 
     def window(self) -> Window:
+        # Every run starts with the kernel's write-back queue empty. Postgres extends its
+        # files with zero pages and the kernel writes dirty pages back in bursts once they
+        # are 30 s old (hundreds of MB on this machine's single virtual disk, during which
+        # a WAL flush waits up to ~0.5 s): without this, a run pays for the writes of the
+        # runs before it (the baseline's UPDATEs above all). Its own writes it pays for.
+        os.sync()
         start_at = time.monotonic() + JOB_LEAD_S
         begin_at = start_at + self.args.warmup
         return Window(start_at, begin_at, begin_at + self.args.duration)

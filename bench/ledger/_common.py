@@ -15,6 +15,7 @@ import asyncpg
 
 from bench._results import RESULTS_DIR as RESULTS_DIR
 from bench.ledger._cluster import POSTGRES_SETTINGS
+from spendgate_gateway._settings import LEDGER_INFLIGHT_PER_PARTITION_DEFAULT
 
 
 def positive_ints(text: str) -> list[int]:
@@ -44,7 +45,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, *, replicas: bool) ->
     parser.add_argument(
         "--client-inflight",
         type=int,
-        default=4,
+        default=LEDGER_INFLIGHT_PER_PARTITION_DEFAULT,
         help="NATS requests in flight per partition per client (the gateway's default)",
     )
     parser.add_argument("--partitions", type=int, default=64, help="ledger partition count")
