@@ -254,10 +254,24 @@ class Decision(msgspec.Struct, frozen=True):
     events: tuple[AnyEvent, ...] = ()
 
 
+# Fingerprints of recent (vendor, operation, amount) triples: a fleet repeats the same
+# calls (a charge of one price, a message to one country), and hashing costs more than a
+# lookup. Bounded: emptied when full.
+_FINGERPRINTS: dict[tuple[str, str, int], str] = {}
+_FINGERPRINTS_MAX = 4_096
+
+
 def request_fingerprint(command: Reserve) -> str:
     """What makes two reserves "the same request" for idempotency."""
-    canonical = msgspec.json.encode([command.vendor, command.operation, command.amount_micros])
-    return hashlib.sha256(canonical).hexdigest()
+    triple = (command.vendor, command.operation, command.amount_micros)
+    known = _FINGERPRINTS.get(triple)
+    if known is not None:
+        return known
+    fingerprint = hashlib.sha256(msgspec.json.encode(list(triple))).hexdigest()
+    if len(_FINGERPRINTS) >= _FINGERPRINTS_MAX:
+        _FINGERPRINTS.clear()
+    _FINGERPRINTS[triple] = fingerprint
+    return fingerprint
 
 
 # ----------------------------------------------------------------------------- state
