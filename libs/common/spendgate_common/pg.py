@@ -77,6 +77,10 @@ async def create_pool(
                     command_timeout=statement_timeout.total_seconds(),
                     timeout=attempt_timeout_s,
                     reset=_keep_session,
+                    # No idle timer: asyncpg arms one (call_later) on every release and
+                    # cancels it on the next acquire, a cost per append on the ledger's
+                    # hot path; the pools are small and their connections long-lived.
+                    max_inactive_connection_lifetime=0,
                 )
             assert pool is not None
             return pool

@@ -122,7 +122,8 @@ class EventRelay:
         self._acks_expected = 0
         self._acks_counted = 0
         self._ack_refusal: bytes | None = None
-        self._acked = asyncio.Event()
+        # Resolved when every acknowledgement of the window in flight has arrived.
+        self._acked: asyncio.Future[None] | None = None
 
     def committed(
         self,
@@ -255,13 +256,15 @@ class EventRelay:
         self._acks_expected = len(window)
         self._acks_counted = 0
         self._ack_refusal = None
-        self._acked.clear()
+        # A future, not an Event: waiting on Event.wait() with a timeout wraps a coroutine
+        # in a task, once per window (per batch at low load).
+        acked = self._acked = asyncio.get_running_loop().create_future()
         # What Client.publish does after building its frame, once for the whole window.
         await nats._send_command(frames)
         if nats._flush_queue is not None and nats._flush_queue.empty():
             await nats._flush_pending()
         try:
-            await asyncio.wait_for(self._acked.wait(), PUBLISH_ACK_TIMEOUT.total_seconds())
+            await asyncio.wait_for(acked, PUBLISH_ACK_TIMEOUT.total_seconds())
         finally:
             self._ack_prefix = ""
         if self._ack_refusal is not None:
@@ -322,8 +325,9 @@ class EventRelay:
         if (not data or b'"error"' in data) and self._ack_refusal is None:
             self._ack_refusal = data or f"status {msg.header}".encode()
         self._acks_counted += 1
-        if self._acks_counted >= self._acks_expected:
-            self._acked.set()
+        acked = self._acked
+        if self._acks_counted >= self._acks_expected and acked is not None and not acked.done():
+            acked.set_result(None)
 
 
 _MSG_ID = HEADER_MSG_ID.encode()
