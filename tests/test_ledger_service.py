@@ -538,6 +538,77 @@ async def test_released_budget_is_granted_again_under_concurrency(
     assert_never_over_cap([e for _, e in await logged_events(database, partition_of(TENANT))])
 
 
+async def test_appends_failing_under_load_lose_no_grant_and_grant_nothing_twice(
+    database_url: str, nats_url: str, client: LedgerClient, database: asyncpg.Connection[Any]
+) -> None:
+    """The ledger's database sessions are terminated again and again while concurrent
+    reserves pour in: appends fail with requests decided on top of them. Every caller
+    hears a decision that is in the log or an error, the state the ledger answers from
+    afterwards equals the log, and the log never goes over the cap."""
+    key = new_vault_key(TENANT)
+    cap_micros = 300 * PRICE_MICROS
+    rng = random.Random(20_261_207)
+    async with running_ledger(database_url, nats_url):
+        await client.one(issue(key, cap_micros=cap_micros))
+        loading = True
+
+        async def terminate_sessions() -> int:
+            terminated = 0
+            while loading:
+                terminated += await database.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                await asyncio.sleep(0.03)
+            return terminated
+
+        async def reserve_in_a_row(task: int) -> list[AnyResult]:
+            results: list[AnyResult] = []
+            for call in range(40):
+                commands = [
+                    reserve(key, idempotency_key=f"task-{task}-{call}-{n}")
+                    for n in range(rng.randint(1, 3))
+                ]
+                try:
+                    results += await client.send(commands)
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    await asyncio.sleep(0.05)  # between owners: nothing was applied
+            return results
+
+        killer = asyncio.create_task(terminate_sessions())
+        try:
+            answered = await asyncio.gather(*(reserve_in_a_row(task) for task in range(16)))
+        finally:
+            loading = False
+            terminated = await killer
+        results = [result for results in answered for result in results]
+
+        async def answers() -> bool:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                return isinstance(await client.one(query(key)), KeyState)
+            return False
+
+        await eventually(answers, "the ledger answering again")
+        state = key_state(await client.one(query(key)))
+
+    codes = Counter(
+        result.code if isinstance(result, Failed) else type(result).__name__ for result in results
+    )
+    assert terminated > 0
+    assert codes["store_unavailable"] > 0, codes  # appends did fail under load
+    assert codes["Granted"] > 0, codes
+    events = [event for _, event in await logged_events(database, partition_of(TENANT))]
+    assert_never_over_cap(events)
+    logged = {
+        e.reservation_id: e.amount_micros for e in events if isinstance(e, ReservationGranted)
+    }
+    replied = [result.reservation_id for result in results if isinstance(result, Granted)]
+    assert len(replied) == len(set(replied))
+    assert set(replied) <= set(logged)
+    # The state the ledger answers from is the log's: every logged hold, nothing else.
+    assert (state.committed_micros, state.reserved_micros) == (0, sum(logged.values()))
+
+
 async def test_restart_rebuilds_state_from_the_log(
     database_url: str, nats_url: str, client: LedgerClient, database: asyncpg.Connection[Any]
 ) -> None:

@@ -7,13 +7,17 @@ fenced transaction, and only then publishes the replies. If the append fails, no
 seen the batch's results: every caller gets an error and the in-memory state is rebuilt
 from the log, which is the truth.
 
-The loop is pipelined one batch deep: while a batch's append is in flight, the next batch
-is decided on top of it in memory, and its append starts as soon as the first one has
-committed. So deciding overlaps the database's round trip and WAL flush instead of
-adding to it. Appends stay one at a time and in order, a batch's replies wait for its own
-commit, and if an append fails the batch decided on top of it fails too (nobody has seen
-either). A snapshot is taken only when nothing is decided on top of the last commit (the
-state then equals the log); when one is due the loop lets the append land first.
+The loop overlaps deciding with the database's round trip and WAL flush: while a
+batch's append is in flight, the requests that arrive are decided on top of it in memory
+and gathered into the next batch, whose append starts as soon as the first one has
+committed. So a request waits for at most the rest of the append in flight and its own
+(a batch decided whole, then held until the append before it landed, made requests that
+arrived just after it wait for three). Appends stay one at a time and in order, a batch's
+replies wait for its own commit, and if an append fails the batch decided on top of it
+fails too (nobody has seen either). The batch being gathered holds at most
+``batch_commands_max`` commands; beyond that the loop waits for its append to start. A
+snapshot is taken only when nothing is decided on top of the last commit (the state then
+equals the log); when one is due the loop lets the appends land first.
 """
 
 from __future__ import annotations
@@ -169,16 +173,17 @@ def fit_results(results: list[AnyResult], bytes_max: int) -> list[AnyResult]:
 
 @dataclass(slots=True)
 class _Decided:
-    """A batch decided and applied in memory, waiting for its append and replies."""
+    """Requests decided and applied in memory, waiting for their append and replies."""
 
     requests: list[PendingRequest]
     first_seq: int
     rows: list[EventRow]
     replies: list[list[AnyResult]]
     traced: BatchTrace | None
-    # With a traced batch: the number of events after each command (which command
-    # produced which event, so that each event carries its command's trace context).
-    ends: list[int] | None
+    # The number of events after each command (which command produced which event, so
+    # that each event carries its command's trace context).
+    ends: list[int]
+    commands: int = 0
 
 
 class PartitionWorker:
@@ -218,9 +223,17 @@ class PartitionWorker:
         self._snapshot_task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=queue_requests_max)
         self.fenced = False
-        # Deciding a batch, or its append and replies in flight (shutdown waits for both).
+        # Deciding requests (shutdown waits for it, as for the appends).
         self._deciding = False
-        self._committing: asyncio.Task[Failed | None] | None = None
+        # The batch gathering on top of the append in flight, and the task appending and
+        # answering batches one after another while there are any.
+        self._next: _Decided | None = None
+        self._committing: asyncio.Task[None] | None = None
+        # While the committer rebuilds the state after a failed append: decide nothing.
+        self._reloading = False
+        # Set when the committer takes the gathered batch (the loop waits for it when
+        # the batch is full).
+        self._taken: asyncio.Future[None] | None = None
 
     @property
     def partition(self) -> int:
@@ -250,23 +263,39 @@ class PartitionWorker:
 
     @property
     def busy(self) -> bool:
-        """Whether a batch is being decided, or appended and answered."""
+        """Whether requests are being decided, or appended and answered."""
         return self._deciding or (self._committing is not None and not self._committing.done())
 
     async def run(self) -> None:
-        """Process batches until fenced (or cancelled by the service on shutdown)."""
+        """Process requests until fenced (or cancelled by the service on shutdown)."""
         try:
             while not self.fenced:
                 batch = await self._take()
-                if self._committing is not None and self._snapshot_due():
-                    # A snapshot needs the state to equal the log: decide nothing on top of
-                    # the append in flight; it snapshots when it lands (see _commit).
-                    await self._committing
+                if not await self._wait_to_decide():
+                    failure = Failed(
+                        "not_owner", "this ledger replica no longer owns the partition"
+                    )
+                    await self._reply_all(batch, [[failure] * len(r.commands) for r in batch])
+                    break
+                if not self._lease_fresh():
+                    # Our lease may have passed to another replica: even an answer that
+                    # writes nothing (a query, an idempotent replay) could be stale.
+                    stale = Failed(
+                        "not_owner", "this ledger replica cannot confirm it owns the partition"
+                    )
+                    await self._reply_all(batch, [[stale] * len(r.commands) for r in batch])
+                    continue
                 self._deciding = True
                 try:
-                    await self._decide_and_commit(batch)
+                    self._next = self._decide(batch, self._next)
                 finally:
                     self._deciding = False
+                if self._committing is None or self._committing.done():
+                    self._committing = asyncio.create_task(
+                        self._commit_while_decided(), name=f"commit-{self.partition}"
+                    )
+                    if self._on_task_done is not None:
+                        self._committing.add_done_callback(self._on_task_done)
             if self._committing is not None:
                 await self._committing
         finally:
@@ -283,43 +312,39 @@ class PartitionWorker:
             commands += len(request.commands)
         return batch
 
-    async def _decide_and_commit(self, batch: list[PendingRequest]) -> None:
-        if not self._lease_fresh():
-            # Our lease may have passed to another replica: even an answer that writes
-            # nothing (a query, an idempotent replay) could be stale. Let the caller retry.
-            stale = Failed("not_owner", "this ledger replica cannot confirm it owns the partition")
-            await self._reply_all(batch, [[stale] * len(r.commands) for r in batch])
-            return
-        decided = self._decide(batch)
-        previous, self._committing = self._committing, None
-        # A broken invariant in the previous commit (an exception other than the failures
-        # _append translates) is raised here too, ending run().
-        failure = await previous if previous is not None else None
-        if failure is not None:
-            # Decided on a state that held the failed batch: nobody has seen either.
-            await self._reply_all(batch, [[failure] * len(r.commands) for r in batch])
-            return
-        self._committing = asyncio.create_task(
-            self._commit(decided), name=f"commit-{self.partition}"
-        )
-        if self._on_task_done is not None:
-            self._committing.add_done_callback(self._on_task_done)
+    async def _wait_to_decide(self) -> bool:
+        """Wait while deciding now would be wrong or unbounded: the committer rebuilds
+        the state after a failed append, a snapshot is due (the state must equal the log:
+        let the appends land), or the gathered batch is full (let its append start).
+        False when the partition was lost meanwhile (fenced)."""
+        while (committing := self._committing) is not None and not committing.done():
+            if self._reloading or self._snapshot_due():
+                await asyncio.wait([committing])
+            elif self._next is not None and self._next.commands >= self._batch_commands_max:
+                if self._taken is None:
+                    self._taken = asyncio.get_running_loop().create_future()
+                await asyncio.wait([self._taken, committing], return_when=asyncio.FIRST_COMPLETED)
+            else:
+                break
+        return not self.fenced
 
-    def _decide(self, batch: list[PendingRequest]) -> _Decided:
-        """Decide and apply ``batch`` in memory (no awaits: nothing interleaves)."""
+    def _decide(self, batch: list[PendingRequest], into: _Decided | None) -> _Decided:
+        """Decide and apply ``batch`` in memory on top of the batch gathered so far
+        (``into``), or as a new one (no awaits: nothing interleaves)."""
         now_ms = time.time_ns() // 1_000_000
+        state = self.state
+        decided = into or _Decided([], state.last_seq + 1, [], [], None, [])
         telemetry = self._telemetry
-        traced = None
         if telemetry is not None and telemetry.tracing:
-            traced = telemetry.begin_batch(
+            decided.traced = telemetry.begin_batch(
                 self.partition,
                 [request.trace for request in batch],
                 [len(request.commands) for request in batch],
+                decided.traced,
+                (len(decided.requests), decided.commands),
             )
-        decided = _Decided(batch, self.state.last_seq + 1, [], [], traced, None)
-        if traced is not None:
-            decided.ends = []
-        rows, ends, state = decided.rows, decided.ends, self.state
+        decided.requests.extend(batch)
+        rows, ends = decided.rows, decided.ends
         for request in batch:
             results: list[AnyResult] = []
             for command in request.commands:
@@ -329,9 +354,37 @@ class PartitionWorker:
                     state.apply(seq, event)
                     rows.append(EventRow(seq, event_type(event), encode_event(event)))
                 results.append(decision.result)
-                if ends is not None:
-                    ends.append(len(rows))
+                ends.append(len(rows))
             decided.replies.append(results)
+            decided.commands += len(results)
+        return decided
+
+    async def _commit_while_decided(self) -> None:
+        """Append and answer the gathered batches one after another until none is left.
+
+        After a failed append, the batch decided on top of it is answered the same
+        failure, and after ``store_unavailable`` the state is rebuilt from the log (the
+        append may or may not have landed) before anything else is decided.
+        """
+        while (decided := self._take_decided()) is not None:
+            failure = await self._commit(decided)
+            if failure is None:
+                continue
+            on_top = self._take_decided()
+            if on_top is not None:
+                await self._answer(on_top, failure, None)
+            if failure.code == "store_unavailable":
+                self._reloading = True
+                try:
+                    await self._reload()
+                finally:
+                    self._reloading = False
+
+    def _take_decided(self) -> _Decided | None:
+        decided, self._next = self._next, None
+        if self._taken is not None:
+            self._taken.set_result(None)
+            self._taken = None
         return decided
 
     async def _commit(self, decided: _Decided) -> Failed | None:
@@ -341,25 +394,39 @@ class PartitionWorker:
         append_started_ns = time.time_ns()
         failure = await self._append(decided.first_seq, rows) if rows else None
         append_ns = (append_started_ns, time.time_ns())
-        replies = decided.replies
         if failure is not None:
-            replies = [[failure] * len(request.commands) for request in decided.requests]
-        elif rows:
+            await self._answer(decided, failure, append_ns)
+            return failure
+        if rows:
             traceparents = None
-            if decided.traced is not None and decided.ends is not None:
+            if decided.traced is not None:
                 traceparents = decided.traced.event_traceparents(rows, decided.ends)
             self._relay.committed(rows, rows[-1].seq, traceparents)
             if self.state.last_seq == rows[-1].seq:
                 self._maybe_snapshot()  # nothing is decided on top: the state is the log
+        await self._reply_all(decided.requests, decided.replies)
+        if self._telemetry is not None:
+            commands = [request.commands for request in decided.requests]
+            self._telemetry.end_batch(
+                decided.traced, commands, decided.replies, rows, append_ns, None
+            )
+        return None
+
+    async def _answer(
+        self, decided: _Decided, failure: Failed, append_ns: tuple[int, int] | None
+    ) -> None:
+        """Answer every request of ``decided`` with ``failure``: its append failed (it
+        started and ended at ``append_ns``), or it was decided on top of one that did."""
+        replies: list[list[AnyResult]] = [
+            [failure] * len(request.commands) for request in decided.requests
+        ]
         await self._reply_all(decided.requests, replies)
         if self._telemetry is not None:
             commands = [request.commands for request in decided.requests]
-            self._telemetry.end_batch(decided.traced, commands, replies, rows, append_ns, failure)
-        if failure is not None and failure.code == "store_unavailable":
-            # After the replies, so callers hear at once; the append may or may not have
-            # landed, so the in-memory state is rebuilt from the log before the next batch.
-            await self._reload()
-        return failure
+            rows = decided.rows if append_ns is not None else []
+            self._telemetry.end_batch(
+                decided.traced, commands, replies, rows, append_ns or (0, 0), failure
+            )
 
     async def _reply_all(self, batch: list[PendingRequest], replies: list[list[AnyResult]]) -> None:
         for request, results in zip(batch, replies, strict=True):

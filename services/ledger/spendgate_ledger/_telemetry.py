@@ -225,23 +225,38 @@ class LedgerTelemetry:
         return RequestTrace(parents, time.time_ns())
 
     def begin_batch(
-        self, partition: int, traces: Sequence[RequestTrace | None], counts: Sequence[int]
+        self,
+        partition: int,
+        traces: Sequence[RequestTrace | None],
+        counts: Sequence[int],
+        joining: BatchTrace | None = None,
+        before: tuple[int, int] = (0, 0),
     ) -> BatchTrace | None:
         """Start the spans of a batch whose requests carry ``traces`` (``counts``: their
-        numbers of commands); None when no command is traced."""
+        numbers of commands); None when no command is traced.
+
+        A batch grows while the append before it is in flight: ``joining`` is its trace
+        so far (the new requests' spans join it), or None with ``before`` = (requests,
+        commands) already in the batch, untraced, when these are its first traced ones.
+        """
         tracer = self.tracer
         if tracer is None or not any(traces):
-            return None
-        first = next(p for t in traces if t is not None for p in t.parents if p is not None)
-        started_ns = time.time_ns()
-        batch_span = tracer.start_span(
-            "ledger.batch",
-            context=trace.set_span_in_context(NonRecordingSpan(first)),
-            attributes={PARTITION: partition},
-            start_time=started_ns,
-        )
-        link = [Link(batch_span.get_span_context())]
-        commands: list[tuple[Span, bytes] | None] = []
+            if joining is not None:
+                joining.requests += len(traces)
+                joining.commands.extend([None] * sum(counts))
+            return joining
+        batch_trace = joining
+        if batch_trace is None:
+            first = next(p for t in traces if t is not None for p in t.parents if p is not None)
+            batch_span = tracer.start_span(
+                "ledger.batch",
+                context=trace.set_span_in_context(NonRecordingSpan(first)),
+                attributes={PARTITION: partition},
+                start_time=time.time_ns(),
+            )
+            batch_trace = BatchTrace(batch_span, before[0], [None] * before[1])
+        link = [Link(batch_trace.span.get_span_context())]
+        commands = batch_trace.commands
         for request_trace, count in zip(traces, counts, strict=True):
             if request_trace is None:
                 commands.extend([None] * count)
@@ -259,7 +274,8 @@ class LedgerTelemetry:
                     start_time=request_trace.received_ns,
                 )
                 commands.append((span, traceparent_of(span.get_span_context()).encode()))
-        return BatchTrace(batch_span, len(traces), commands)
+        batch_trace.requests += len(traces)
+        return batch_trace
 
     def end_batch(
         self,
