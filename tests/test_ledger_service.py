@@ -550,6 +550,14 @@ async def test_appends_failing_under_load_lose_no_grant_and_grant_nothing_twice(
     rng = random.Random(20_261_207)
     async with running_ledger(database_url, nats_url):
         await client.one(issue(key, cap_micros=cap_micros))
+        # Every append lasts at least 10 ms, so that the terminations below find appends
+        # in the middle of their statement (an idle session is replaced unnoticed).
+        await database.execute(
+            "CREATE FUNCTION slow_append() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN PERFORM pg_sleep(0.01); RETURN NULL; END $$;"
+            " CREATE TRIGGER slow_append AFTER INSERT ON events"
+            " FOR EACH STATEMENT EXECUTE FUNCTION slow_append()"
+        )
         loading = True
 
         async def terminate_sessions() -> int:
@@ -558,8 +566,9 @@ async def test_appends_failing_under_load_lose_no_grant_and_grant_nothing_twice(
                 terminated += await database.fetchval(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND state = 'active' AND query LIKE 'WITH fenced%'"
                 )
-                await asyncio.sleep(0.03)
+                await asyncio.sleep(0.02)
             return terminated
 
         async def reserve_in_a_row(task: int) -> list[AnyResult]:

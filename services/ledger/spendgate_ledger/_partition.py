@@ -32,6 +32,7 @@ from datetime import timedelta
 from typing import Any
 
 import msgspec
+from nats.errors import Error as NatsError
 
 from spendgate_common.errors import FencedError, StoreUnavailableError
 from spendgate_common.events_v1 import AnyEvent, decode_event, encode_event
@@ -429,12 +430,23 @@ class PartitionWorker:
             )
 
     async def _reply_all(self, batch: list[PendingRequest], replies: list[list[AnyResult]]) -> None:
+        """Answer each request. A reply NATS refuses (the connection is closed or being
+        re-established) is lost, not fatal: what was decided stands (it is in the log, or
+        failed as a whole), and the caller times out and retries with its idempotency key."""
+        lost: BaseException | None = None
         for request, results in zip(batch, replies, strict=True):
             if request.reply_subject:
                 body = encode_batch(ResultBatch(results))
                 if len(body) > self._reply_bytes_max:
                     body = encode_batch(ResultBatch(fit_results(results, self._reply_bytes_max)))
-                await self._reply(request.reply_subject, body)
+                try:
+                    await self._reply(request.reply_subject, body)
+                except (NatsError, OSError, RuntimeError) as error:
+                    # RuntimeError: uvloop refuses a write on a transport that closed
+                    # under nats-py during a reconnect.
+                    lost = error
+        if lost is not None:
+            _log.warning("partition %d: replies not sent: %r", self.partition, lost)
 
     def _snapshot_interval(self) -> int:
         return max(self._loader.snapshot_every_events, self.state.entries() // 2)

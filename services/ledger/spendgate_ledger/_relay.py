@@ -260,9 +260,15 @@ class EventRelay:
         # in a task, once per window (per batch at low load).
         acked = self._acked = asyncio.get_running_loop().create_future()
         # What Client.publish does after building its frame, once for the whole window.
-        await nats._send_command(frames)
-        if nats._flush_queue is not None and nats._flush_queue.empty():
-            await nats._flush_pending()
+        try:
+            await nats._send_command(frames)
+            if nats._flush_queue is not None and nats._flush_queue.empty():
+                await nats._flush_pending()
+        except RuntimeError as error:
+            # uvloop refuses a write on a transport that closed under nats-py during a
+            # reconnect (it writes inline when its flusher task is gone): the
+            # connection's failure, retried as such.
+            raise ConnectionClosedError from error
         try:
             await asyncio.wait_for(acked, PUBLISH_ACK_TIMEOUT.total_seconds())
         finally:
