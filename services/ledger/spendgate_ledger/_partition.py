@@ -374,8 +374,7 @@ class PartitionWorker:
             on_top = self._take_decided()
             if on_top is not None:
                 await self._answer(on_top, failure, None)
-            if failure.code == "store_unavailable":
-                self._reloading = True
+            if self._reloading:
                 try:
                     await self._reload()
                 finally:
@@ -396,6 +395,10 @@ class PartitionWorker:
         failure = await self._append(decided.first_seq, rows) if rows else None
         append_ns = (append_started_ns, time.time_ns())
         if failure is not None:
+            # From here on nothing is decided until the state is rebuilt from the log
+            # (the append may or may not have landed); what was decided on top of this
+            # batch is answered the same failure.
+            self._reloading = failure.code == "store_unavailable"
             await self._answer(decided, failure, append_ns)
             return failure
         if rows:
