@@ -15,14 +15,19 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from spendgate_common.errors import ConfigurationError
+from spendgate_common.ledger_v1 import AnyResult, Failed, QueryKey
 from spendgate_common.ops_http import Check, OpsServer
 from spendgate_common.runtime import JsonLineFormatter
 from spendgate_common.settings import Env
 from spendgate_common.subjects import HEADER_TRACEPARENT, HEADER_TRACEPARENTS
 from spendgate_common.telemetry import (
+    BATCH_COMMANDS,
+    BATCH_REQUESTS,
     LABEL_SETS_MAX,
     OVERFLOW_LABEL,
     Counts,
@@ -32,7 +37,8 @@ from spendgate_common.telemetry import (
     traceparent_of,
 )
 from spendgate_gateway._ledger_client import _trace_headers
-from spendgate_ledger._telemetry import LedgerTelemetry
+from spendgate_ledger._store import EventRow
+from spendgate_ledger._telemetry import LedgerTelemetry, RequestTrace
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -204,6 +210,44 @@ def test_the_ledger_reads_the_sampled_contexts_of_a_request() -> None:
     assert ledger.request_trace({HEADER_TRACEPARENT: TRACEPARENT}, 2) is None
     assert ledger.request_trace({HEADER_TRACEPARENTS: f"{unsampled},"}, 2) is None
     assert ledger.request_trace(None, 1) is None
+
+
+def test_a_batch_trace_joined_by_later_requests_covers_every_command_in_order() -> None:
+    """A batch gathers while the append before it is in flight: untraced requests first,
+    then a traced one, then another untraced one. Every command keeps its place, only the
+    traced command's events carry its span's context, and the batch counts everything."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ledger = LedgerTelemetry(Telemetry(provider.get_tracer("test")))
+    parent = parse_traceparent(TRACEPARENT)
+    assert parent is not None
+
+    batch = ledger.begin_batch(0, [None, None], [1, 2])
+    assert batch is None  # nothing traced yet
+    traced = RequestTrace([None, parent], 1)
+    batch = ledger.begin_batch(0, [traced], [2], batch, (2, 3))
+    assert batch is not None
+    assert ledger.begin_batch(0, [None], [1], batch, (3, 5)) is batch
+    assert (batch.requests, len(batch.commands)) == (4, 6)
+    assert [entry is not None for entry in batch.commands] == [False] * 4 + [True, False]
+
+    counts = [1, 2, 2, 1]
+    commands = [[QueryKey(tenant="acme", key_id=f"k{n}")] * count for n, count in enumerate(counts)]
+    # One event per command: the fifth command's event is seq 5.
+    rows = [EventRow(seq, "KeyIssued", b"{}") for seq in range(1, 7)]
+    traceparents = batch.event_traceparents(rows, [1, 2, 3, 4, 5, 6])
+    assert list(traceparents) == [5]
+    replies: list[list[AnyResult]] = [[Failed("x", "y")] * count for count in counts]
+    ledger.end_batch(batch, commands, replies, rows, (1, 2), None)
+
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    command = spans["ledger.command QueryKey"]
+    assert command.parent is not None
+    assert command.parent.span_id == parent.span_id
+    assert traceparents[5].decode() == traceparent_of(command.get_span_context())
+    attributes = spans["ledger.batch"].attributes or {}
+    assert (attributes[BATCH_REQUESTS], attributes[BATCH_COMMANDS]) == (4, 6)
 
 
 # --------------------------------------------------------------- docs and deploy files
