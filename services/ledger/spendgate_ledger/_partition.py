@@ -14,8 +14,8 @@ committed. So a request waits for at most the rest of the append in flight and i
 (a batch decided whole, then held until the append before it landed, made requests that
 arrived just after it wait for three). Appends stay one at a time and in order, a batch's
 replies wait for its own commit, and if an append fails the batch decided on top of it
-fails too (nobody has seen either). The batch being gathered holds at most
-``batch_commands_max`` commands; beyond that the loop waits for its append to start. A
+fails too (nobody has seen either). Once the batch being gathered holds
+``batch_commands_max`` commands, the loop waits for its append to start. A
 snapshot is taken only when nothing is decided on top of the last commit (the state then
 equals the log); when one is due the loop lets the appends land first.
 """
