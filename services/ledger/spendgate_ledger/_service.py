@@ -302,12 +302,18 @@ class LedgerService:
         assert self._store is not None
         leases = [owned.worker.lease for owned in self._owned.values()]
         still_ours = await self._store.renew([*leases, *pending], row_ttl)
+        lost = [p for p, owned in self._owned.items() if p not in still_ours or owned.worker.fenced]
+        # Before anything awaits: the renewal makes this replica's leases fresh again, and
+        # a lost partition must not answer from its state meanwhile (a replica that was
+        # frozen holds decisions that never reached the log, and a read-only answer or a
+        # refusal is sent without an append that the epoch would fence).
+        for partition in lost:
+            self._owned[partition].worker.fenced = True
         self._renewed_at = time.monotonic()
-        for partition, owned in list(self._owned.items()):
-            if partition not in still_ours or owned.worker.fenced:
-                _log.warning("partition %d: lease lost, dropping", partition)
-                await self._drop(partition)
-                self._telemetry.lease_changes.add(("lost",))
+        for partition in lost:
+            _log.warning("partition %d: lease lost, dropping", partition)
+            await self._drop(partition)
+            self._telemetry.lease_changes.add(("lost",))
         return still_ours
 
     async def _adopt(self, lease: Lease) -> None:
