@@ -301,6 +301,10 @@ class LedgerService:
         """Renew our leases (and ``pending`` claimed ones); drop owned partitions we lost."""
         assert self._store is not None
         leases = [owned.worker.lease for owned in self._owned.values()]
+        # Freshness counts from before the renewal was sent: its rows expire no earlier
+        # than that plus their time to live, whenever the answer came back (a process
+        # frozen in between would otherwise count its leases fresh from its waking).
+        sent_at = time.monotonic()
         still_ours = await self._store.renew([*leases, *pending], row_ttl)
         lost = [p for p, owned in self._owned.items() if p not in still_ours or owned.worker.fenced]
         # Before anything awaits: the renewal makes this replica's leases fresh again, and
@@ -309,7 +313,7 @@ class LedgerService:
         # refusal is sent without an append that the epoch would fence).
         for partition in lost:
             self._owned[partition].worker.fenced = True
-        self._renewed_at = time.monotonic()
+        self._renewed_at = sent_at
         for partition in lost:
             _log.warning("partition %d: lease lost, dropping", partition)
             await self._drop(partition)
