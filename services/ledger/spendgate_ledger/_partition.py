@@ -172,6 +172,11 @@ def fit_results(results: list[AnyResult], bytes_max: int) -> list[AnyResult]:
     return fitted
 
 
+def _failed(requests: Sequence[PendingRequest], failure: Failed) -> list[list[AnyResult]]:
+    """The replies that answer every command of ``requests`` with ``failure``."""
+    return [[failure] * len(request.commands) for request in requests]
+
+
 @dataclass(slots=True)
 class _Decided:
     """Requests decided and applied in memory, waiting for their append and replies."""
@@ -276,7 +281,7 @@ class PartitionWorker:
                     failure = Failed(
                         "not_owner", "this ledger replica no longer owns the partition"
                     )
-                    await self._reply_all(batch, [[failure] * len(r.commands) for r in batch])
+                    await self._reply_all(batch, _failed(batch, failure))
                     break
                 if not self._lease_fresh():
                     # Our lease may have passed to another replica: even an answer that
@@ -284,7 +289,7 @@ class PartitionWorker:
                     stale = Failed(
                         "not_owner", "this ledger replica cannot confirm it owns the partition"
                     )
-                    await self._reply_all(batch, [[stale] * len(r.commands) for r in batch])
+                    await self._reply_all(batch, _failed(batch, stale))
                     continue
                 self._deciding = True
                 try:
@@ -421,9 +426,7 @@ class PartitionWorker:
     ) -> None:
         """Answer every request of ``decided`` with ``failure``: its append failed (it
         started and ended at ``append_ns``), or it was decided on top of one that did."""
-        replies: list[list[AnyResult]] = [
-            [failure] * len(request.commands) for request in decided.requests
-        ]
+        replies = _failed(decided.requests, failure)
         await self._reply_all(decided.requests, replies)
         if self._telemetry is not None:
             commands = [request.commands for request in decided.requests]
