@@ -14,6 +14,7 @@ import asyncio
 import os
 import signal
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,21 @@ def test_a_snapshot_of_another_partition_or_garbage_is_refused() -> None:
         decode_snapshot(encode_snapshot(state), other)
     with pytest.raises(msgspec.DecodeError):
         decode_snapshot(b"\x00not a snapshot", fresh())
+    # Compressed, but cut short (a torn write): refused, so recovery replays instead.
+    body = encode_snapshot(state)
+    with pytest.raises(ValueError, match="decompress"):
+        decode_snapshot(body[: len(body) // 2], fresh())
+
+
+def test_snapshots_are_stored_compressed_and_uncompressed_ones_still_load() -> None:
+    state, _ = rich_state()
+    body = encode_snapshot(state)
+    assert body.startswith(b"SGZ\x01")
+    # Snapshots written before compression were the msgpack alone.
+    plain = zlib.decompress(body[4:])
+    assert plain[0] in (*range(0x80, 0x90), 0xDE, 0xDF), "a msgpack map"
+    assert decode_snapshot(plain, fresh()) == state
+    assert decode_snapshot(body, fresh()) == state
 
 
 # ------------------------------------------------------------------ service: kill -9
@@ -201,6 +217,23 @@ async def test_the_snapshot_child_stores_the_state_as_it_was_at_the_fork(tmp_pat
     await saving
     assert stored.read_bytes() == expected
     assert encode_snapshot(state) != expected
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policy")
+async def test_the_snapshot_child_runs_only_on_idle_cpu(tmp_path: Path) -> None:
+    state, _ = rich_state()
+    seen = tmp_path / "priority"
+
+    async def save(body: bytes) -> None:
+        # Runs in the child: what the scheduler was told about it.
+        seen.write_text(f"{os.sched_getscheduler(0)} {os.nice(0)}")
+
+    await fork_save_snapshot(state, save)
+    policy, niceness = map(int, seen.read_text().split())
+    assert niceness == 19
+    assert policy == os.SCHED_IDLE
+    # The parent keeps its own.
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE
 
 
 async def test_a_failed_snapshot_child_is_reported() -> None:

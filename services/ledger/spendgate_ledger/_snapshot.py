@@ -4,7 +4,16 @@ A snapshot is taken right after a batch committed, so it describes exactly the l
 its ``seq``; recovery loads the newest snapshot at or below the lease's ``last_seq`` and
 applies the events after it. Everything in a snapshot is logical state; caches (window
 ends, the expiry heap, the fleet-budget cache) are rebuilt. The encoding is msgpack of
-:class:`SnapshotV1`; a snapshot that does not decode is skipped (full replay instead).
+:class:`SnapshotV1`, compressed with zlib behind a 4-byte mark (snapshots written before
+the compression are plain msgpack and still load); a snapshot that does not decode is
+skipped (full replay instead).
+
+Compressing costs the snapshot child (which runs only on otherwise idle CPU) about 20 ns a
+byte, and saves the database its own compression of the value (pglz, in the backend that
+stores it, at normal priority, next to the backends that append) and most of the value's
+write-ahead log: a hot partition's snapshot is tens of MB of msgpack (19 MB for 565,000
+settled ids stored as 1.6 MB; storing took 0.5 s, now 60 ms), and every commit queued
+behind its WAL waits for it to be flushed.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import contextlib
 import os
 import signal
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
@@ -113,6 +123,12 @@ class SnapshotV1(msgspec.Struct, frozen=True):
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(SnapshotV1)
+# What a compressed snapshot starts with. A plain msgpack snapshot starts with a map
+# header (0x80-0x8f, 0xde, 0xdf), never with this.
+_COMPRESSED_MARK = b"SGZ\x01"
+# zlib's fastest level: most of the size gain (a hot partition's msgpack, mostly settled
+# ids, shrank 11x) for a fraction of the time of the default level.
+_COMPRESSION_LEVEL = 1
 
 
 def _meter_v1(meter: Meter) -> MeterV1:
@@ -204,15 +220,21 @@ def encode_snapshot(state: PartitionState) -> bytes:
             for record in state.approvals.values()
         ],
     )
-    return _encoder.encode(snapshot)
+    return _COMPRESSED_MARK + zlib.compress(_encoder.encode(snapshot), _COMPRESSION_LEVEL)
 
 
 def decode_snapshot(body: bytes, fresh: PartitionState) -> PartitionState:
     """Restore a snapshot into ``fresh`` (an empty state with the right configuration).
 
     Raises ``msgspec.DecodeError`` / ``ValidationError`` for bytes that are not a snapshot,
-    and ``ValueError`` for a snapshot of another partition or version.
+    and ``ValueError`` for a snapshot of another partition or version, or compressed
+    bytes that do not decompress.
     """
+    if body.startswith(_COMPRESSED_MARK):
+        try:
+            body = zlib.decompress(body[len(_COMPRESSED_MARK) :])
+        except zlib.error as error:
+            raise ValueError(f"snapshot does not decompress: {error}") from error
     snapshot = _decoder.decode(body)
     if snapshot.version != SNAPSHOT_VERSION or snapshot.partition != fresh.partition:
         raise ValueError(f"snapshot v{snapshot.version} of partition {snapshot.partition}")
@@ -283,9 +305,12 @@ class SnapshotChildError(Exception):
     """The child process that encoded and stored a snapshot failed."""
 
 
-# The snapshot child runs at a lower CPU priority than the partition loops it was forked
-# from: on a busy machine it takes the idle time and leaves the loops theirs.
-SNAPSHOT_CHILD_NICENESS = 10
+# The snapshot child runs only on CPU time nobody else wants (Linux's SCHED_IDLE; where
+# that policy does not exist, at the lowest niceness): encoding a hot partition's state
+# takes about a second of CPU, and at niceness 10 (its earlier setting) the child still
+# took a share of a busy core next to the partition loops, whose latency showed it
+# (open loop at 9,000 pairs/s: p50 3 -> 11-18 ms while a child ran).
+SNAPSHOT_CHILD_NICENESS = 19
 # A snapshot child still running after this long is killed (and reported).
 SNAPSHOT_CHILD_DEADLINE = timedelta(minutes=5)
 # How often the parent looks whether the child has exited (no thread, no signal handler).
@@ -330,7 +355,14 @@ def _become_snapshot_child() -> None:  # pragma: no cover - runs in the child
         signal.signal(number, signal.SIG_DFL)
     # The fork happened inside the parent's running loop; the child runs its own.
     asyncio.events._set_running_loop(None)
-    os.nice(SNAPSHOT_CHILD_NICENESS)
+    _lower_priority()
+
+
+def _lower_priority() -> None:  # pragma: no cover - runs in the child
+    os.nice(SNAPSHOT_CHILD_NICENESS - os.nice(0))
+    if hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):  # refused in some sandboxes: niceness stays
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 async def _wait_for_child(pid: int) -> None:
