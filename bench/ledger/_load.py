@@ -122,6 +122,8 @@ class JobResult(msgspec.Struct):
     ``completed``: pairs (baseline: granted UPDATEs) finished in the window;
     ``completed_total``: the same over the whole run, warm-up included (to check the budget
     afterwards); ``latencies_ms``: reserve (baseline: UPDATE) latencies in the window;
+    ``started_s``: when each of them started (open loop: was due), in seconds from the
+    window's beginning, in the same order;
     ``denied``: reserves refused or UPDATEs that matched no row; ``errors``: commands that
     failed (timeouts, ledger unavailable); ``dropped``: open-loop starts skipped because
     ``outstanding_max`` pairs were still waiting.
@@ -130,6 +132,7 @@ class JobResult(msgspec.Struct):
     completed: int = 0
     completed_total: int = 0
     latencies_ms: list[float] = msgspec.field(default_factory=list)
+    started_s: list[float] = msgspec.field(default_factory=list)
     denied: int = 0
     errors: int = 0
     dropped: int = 0
@@ -187,6 +190,7 @@ class _Tally:
     completed: int = 0
     completed_total: int = 0
     latencies_s: list[float] = field(default_factory=list)
+    started_at: list[float] = field(default_factory=list)
     denied: int = 0
     errors: int = 0
     dropped: int = 0
@@ -205,6 +209,7 @@ class _Tally:
             completed=self.completed,
             completed_total=self.completed_total,
             latencies_ms=[latency * 1000 for latency in self.latencies_s],
+            started_s=[round(at - self.window.begin_at, 4) for at in self.started_at],
             denied=self.denied,
             errors=self.errors,
             dropped=self.dropped,
@@ -246,6 +251,7 @@ async def _pair(client: LedgerClient, reserve: Reserve, started_at: float, tally
             return
         if tally.in_window(replied_at):
             tally.latencies_s.append(replied_at - started_at)
+            tally.started_at.append(started_at)
         commit = Commit(
             tenant=reserve.tenant,
             key_id=reserve.key_id,
@@ -358,6 +364,7 @@ async def _baseline(job: BaselineJob) -> JobResult:
             if tally.in_window(replied_at):
                 tally.completed += 1
                 tally.latencies_s.append(replied_at - started_at)
+                tally.started_at.append(started_at)
 
     try:
         await sleep_until(job.window.start_at)

@@ -42,13 +42,46 @@ class Latency(msgspec.Struct, frozen=True):
         )
 
 
+# Length of the intervals a run's latencies are also reported by (when they started).
+INTERVAL_S = 0.5
+
+
+class Interval(msgspec.Struct, frozen=True, array_like=True):
+    """Latencies of the calls that started in ``[start_s, start_s + INTERVAL_S)`` of the
+    measured window: a stall shows as the intervals it spoils, not only in the p99."""
+
+    start_s: float
+    count: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+def intervals(results: Sequence[JobResult], duration_s: float) -> list[Interval]:
+    buckets: list[list[float]] = [[] for _ in range(math.ceil(duration_s / INTERVAL_S))]
+    for result in results:
+        for started_s, latency_ms in zip(result.started_s, result.latencies_ms, strict=True):
+            index = min(max(0, int(started_s / INTERVAL_S)), len(buckets) - 1)
+            buckets[index].append(latency_ms)
+    found = []
+    for index, samples in enumerate(buckets):
+        latency = Latency.of(samples)
+        found.append(
+            Interval(
+                index * INTERVAL_S, latency.count, latency.p50_ms, latency.p99_ms, latency.max_ms
+            )
+        )
+    return found
+
+
 class Measurement(msgspec.Struct, frozen=True):
     """One bounded run. ``kind``: hot, baseline, partitions or open.
 
     ``throughput_per_s`` counts reserve + commit pairs (baseline: granted UPDATEs) that
     finished in the window; ``latency`` is the reserve (baseline: UPDATE) latency, from
     the send (open loop: from the intended send time) to the reply; ``cores`` is the CPU
-    each component used during the window.
+    each component used during the window; ``intervals``: the latency by half-second of
+    the window (by when the calls started).
     """
 
     kind: str
@@ -65,6 +98,7 @@ class Measurement(msgspec.Struct, frozen=True):
     completed_total: int
     # Ledger process CPU per pair (or per UPDATE: 0): robust to other load on the machine.
     ledger_cpu_us_per_pair: float
+    intervals: list[Interval] = msgspec.field(default_factory=list)
 
     @classmethod
     def of(
@@ -95,6 +129,7 @@ class Measurement(msgspec.Struct, frozen=True):
             cores=cores,
             completed_total=sum(result.completed_total for result in results),
             ledger_cpu_us_per_pair=round(ledger_cpu_us, 1),
+            intervals=intervals(results, duration_s),
         )
 
     def summary(self) -> str:
@@ -182,6 +217,7 @@ def table(measurements: Sequence[Measurement], verdict: Acceptance | None) -> st
                 f" p99 {m.latency.p99_ms:.2f} ms, p99.9 {m.latency.p999_ms:.2f} ms,"
                 f" max {m.latency.max_ms:.2f} ms, dropped {m.dropped}"
             )
+            lines += interval_lines(m)
     lines.append(
         "us/pair: ledger process CPU per pair; 'other' below: CPU used by anything else on"
         " the machine during the run; 'steal': CPU the hypervisor took (a capped virtual"
@@ -204,6 +240,18 @@ def table(measurements: Sequence[Measurement], verdict: Acceptance | None) -> st
             f" {mark[verdict.half_load_p99_ok]}",
         ]
     return "\n".join(lines)
+
+
+def interval_lines(m: Measurement, per_line: int = 6) -> list[str]:
+    """The run's latency by half-second, ``start s: p50/p99 ms``, a few to a line."""
+    cells = [
+        f"{interval.start_s:4.1f}s {interval.p50_ms:5.1f}/{interval.p99_ms:5.1f}"
+        for interval in m.intervals
+    ]
+    lines = [f"  by half-second of the window (start: reserve p50/p99 ms, {INTERVAL_S:g} s each):"]
+    for first in range(0, len(cells), per_line):
+        lines.append("    " + "   ".join(cells[first : first + per_line]))
+    return lines
 
 
 class Report(msgspec.Struct, frozen=True):

@@ -1,0 +1,41 @@
+"""bench/ledger's report: the latency by half-second of a run's window."""
+
+from __future__ import annotations
+
+import math
+
+from bench.ledger._load import JobResult
+from bench.ledger._report import Measurement, intervals, table
+
+
+def test_latencies_are_reported_by_the_half_second_they_started_in() -> None:
+    # Two load processes; a stall in the second half-second of a 1.5 s window.
+    results = [
+        JobResult(latencies_ms=[2.0, 3.0, 40.0], started_s=[0.1, 0.4, 0.6]),
+        JobResult(latencies_ms=[50.0, 4.0, 5.0], started_s=[0.9, 1.2, -0.01]),
+    ]
+    found = intervals(results, 1.5)
+    assert [interval.start_s for interval in found] == [0.0, 0.5, 1.0]
+    assert [interval.count for interval in found] == [3, 2, 1]
+    # A call that started just before the window (a closed loop's) counts in the first.
+    assert found[0].max_ms == 5.0
+    assert (found[1].p50_ms, found[1].max_ms) == (40.0, 50.0)
+    assert found[2].p99_ms == 4.0
+
+
+def test_an_empty_half_second_has_no_percentiles_and_the_table_shows_them_all() -> None:
+    results = [JobResult(completed=2, latencies_ms=[1.0, 9.0], started_s=[0.2, 1.1])]
+    measurement = Measurement.of(
+        "open",
+        concurrency=0,
+        target_rate_per_s=2.0,
+        duration_s=1.5,
+        results=results,
+        cores={"ledger": 0.1},
+    )
+    assert measurement.intervals[1].count == 0
+    assert math.isnan(measurement.intervals[1].p99_ms)
+    text = table([measurement], None)
+    assert "by half-second of the window" in text
+    assert " 0.0s   1.0/  1.0" in text
+    assert " 1.0s   9.0/  9.0" in text
