@@ -159,3 +159,14 @@ async def test_closing_fails_a_lingering_settle_instead_of_leaving_it_waiting(
         assert requests_seen == []
     finally:
         await connection.close()
+
+
+def test_remembered_partitions_stay_those_of_the_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("spendgate_gateway._ledger_client.PARTITIONS_REMEMBERED_MAX", 8)
+    client = LedgerClient(
+        NatsClient(), partition_count=64, timeout=timedelta(seconds=1), inflight_max=2
+    )
+    tenants = [f"tenant-{index}" for index in range(20)]
+    # Twice over, past the bound: the remembered map is emptied, never wrong.
+    for tenant in tenants + tenants:
+        assert client.partition_of(tenant) == partition_for_tenant(tenant, 64)

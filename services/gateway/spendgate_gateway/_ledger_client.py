@@ -50,6 +50,8 @@ from spendgate_common.subjects import (
 # Failures the ledger answers without applying the command: safe to send again.
 RETRYABLE_CODES = frozenset({"not_owner", "overloaded"})
 RETRY_PAUSE = timedelta(milliseconds=50)
+# Tenants whose partition the client remembers (all are forgotten when it is full).
+PARTITIONS_REMEMBERED_MAX = 65_536
 
 # A command, its caller's future, and the ``traceparent`` of its client span ("" untraced).
 _Waiter = tuple[AnyCommand, "asyncio.Future[AnyResult]", str]
@@ -96,10 +98,19 @@ class LedgerClient:
         self._inflight_max = inflight_max
         self._linger_s = linger.total_seconds()
         self._channels = [_Channel(partition) for partition in range(partition_count)]
+        # tenant -> partition (a SHA-256 per command otherwise).
+        self._partitions: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def partition_of(self, tenant: str) -> int:
-        return partition_for_tenant(tenant, self._partition_count)
+        partition = self._partitions.get(tenant)
+        if partition is None:
+            if len(self._partitions) >= PARTITIONS_REMEMBERED_MAX:
+                self._partitions.clear()
+            partition = self._partitions[tenant] = partition_for_tenant(
+                tenant, self._partition_count
+            )
+        return partition
 
     async def execute(self, command: AnyCommand, *, linger: bool = False) -> AnyResult:
         """Send one command to its partition and return its result.
@@ -120,16 +131,20 @@ class LedgerClient:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._timeout_s
         while True:
-            result = await self._submit(command, traceparent, linger)
+            result = await self._submit(loop, command, traceparent, linger)
             if not (isinstance(result, Failed) and result.code in RETRYABLE_CODES):
                 return result
             if loop.time() + RETRY_PAUSE.total_seconds() >= give_up_at:
                 raise LedgerUnavailableError(f"ledger answered {result.code} until the deadline")
             await asyncio.sleep(RETRY_PAUSE.total_seconds())
 
-    async def _submit(self, command: AnyCommand, traceparent: str, linger: bool) -> AnyResult:
+    def _submit(
+        self, loop: asyncio.AbstractEventLoop, command: AnyCommand, traceparent: str, linger: bool
+    ) -> asyncio.Future[AnyResult]:
+        """Queue ``command`` on its partition's channel; the future of its result. (A plain
+        function returning the future, not a coroutine: one frame less per command, which
+        a hot budget's load generator and gateway pay tens of thousands of times a second.)"""
         channel = self._channels[self.partition_of(command.tenant)]
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[AnyResult] = loop.create_future()
         if linger and self._linger_s > 0:
             channel.lingering.append((command, future, traceparent))
@@ -137,12 +152,12 @@ class LedgerClient:
                 channel.linger_timer = loop.call_later(
                     self._linger_s, self._send_lingering, channel
                 )
-            return await future
+            return future
         # Lingering commands go first: a settle frees budget before the next reserve.
         self._take_lingering(channel)
         channel.pending.append((command, future, traceparent))
         self._start_sender(channel)
-        return await future
+        return future
 
     def _send_lingering(self, channel: _Channel) -> None:
         self._take_lingering(channel)
