@@ -41,7 +41,11 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 def traced_stack(
-    factory: ServiceFactory, nats_url: str, database_url: str, receiver: OtlpReceiver
+    factory: ServiceFactory,
+    nats_url: str,
+    database_url: str,
+    receiver: OtlpReceiver,
+    env: dict[str, str] | None = None,
 ) -> Stack:
     return harness.build_stack(
         factory,
@@ -55,6 +59,7 @@ def traced_stack(
             "SPENDGATE_GATEWAY_LEDGER_TIMEOUT_MS": "1000",
             "SPENDGATE_LEDGER_METRICS_PORT": str(free_port()),
             "SPENDGATE_AUDITOR_METRICS_PORT": str(free_port()),
+            **(env or {}),
         },
     )
 
@@ -246,7 +251,11 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 async def test_metrics_endpoints_expose_the_counters_after_traffic(
     service_factory: ServiceFactory, nats_url: str, database_url: str, receiver: OtlpReceiver
 ) -> None:
-    stack = await asyncio.to_thread(traced_stack, service_factory, nats_url, database_url, receiver)
+    # A snapshot after every batch, so that the snapshot metrics have something to show.
+    snapshots = {"SPENDGATE_LEDGER_SNAPSHOT_EVERY_EVENTS": "1"}
+    stack = await asyncio.to_thread(
+        traced_stack, service_factory, nats_url, database_url, receiver, snapshots
+    )
     issued = await asyncio.to_thread(issue_key, stack, "1.00")
     for _ in range(2):  # one granted, one denied
         await asyncio.to_thread(charge, stack, issued["key"], 60)
@@ -263,7 +272,8 @@ async def test_metrics_endpoints_expose_the_counters_after_traffic(
             chained = "spendgate_auditor_events_chained_total " in auditor and (
                 metric_value(auditor, "spendgate_auditor_events_chained_total") >= 4
             )
-            if chained and "spendgate_spend_committed_micros_total{" in auditor:
+            stored = 'spendgate_snapshot_outcome="stored"' in ledger
+            if chained and stored and "spendgate_spend_committed_micros_total{" in auditor:
                 break
             await asyncio.sleep(0.1)
         probes = {
@@ -294,6 +304,13 @@ async def test_metrics_endpoints_expose_the_counters_after_traffic(
         == 8
     )
     assert "spendgate_ledger_relay_backlog" in ledger
+    assert (
+        metric_value(
+            ledger, "spendgate_ledger_snapshots_total", spendgate_snapshot_outcome="stored"
+        )
+        >= 1
+    )
+    assert metric_value(ledger, "spendgate_ledger_snapshot_duration_seconds_count") >= 1
     spend = metric_value(
         auditor, "spendgate_spend_committed_micros_total", spendgate_vendor="stripe"
     )

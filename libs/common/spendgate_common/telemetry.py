@@ -362,6 +362,7 @@ APPEND_DURATION_MS = "spendgate.append.duration_ms"
 EVENT_TYPE = "spendgate.event.type"
 AUDIT_OUTCOME = "spendgate.audit.outcome"  # chained | duplicate | held
 LEASE_CHANGE = "spendgate.lease.change"  # acquired | released | lost
+SNAPSHOT_OUTCOME = "spendgate.snapshot.outcome"  # stored | failed
 SETTLEMENT = "spendgate.settlement"  # committed | expired: how a hold counted as spent
 
 # Span events.

@@ -479,16 +479,23 @@ class PartitionWorker:
             return
         seq = self._snapshot_seq = self.state.last_seq
         partition, snapshots = self.partition, self._loader.snapshots
+        forked_at = time.monotonic()
         saving = fork_save_snapshot(self.state, lambda body: snapshots.save(partition, seq, body))
-        self._snapshot_task = asyncio.create_task(self._save_snapshot(seq, saving))
+        self._snapshot_task = asyncio.create_task(self._save_snapshot(seq, forked_at, saving))
 
-    async def _save_snapshot(self, seq: int, saving: Awaitable[None]) -> None:
+    async def _save_snapshot(self, seq: int, forked_at: float, saving: Awaitable[None]) -> None:
         try:
             await saving
         except (StoreUnavailableError, SnapshotChildError) as error:
             # Harmless: recovery uses an older snapshot and replays a longer tail.
             _log.warning("partition %d: snapshot at %d not saved: %s", self.partition, seq, error)
+            if self._telemetry is not None:
+                self._telemetry.snapshot_done(False, time.monotonic() - forked_at)
             return
+        duration_s = time.monotonic() - forked_at
+        _log.info("partition %d: snapshot at %d stored in %.2f s", self.partition, seq, duration_s)
+        if self._telemetry is not None:
+            self._telemetry.snapshot_done(True, duration_s)
         # Long-lived state need not be scanned by every full collection (tens of ms with
         # a large state): move what exists now out of the collector's generations.
         gc.freeze()

@@ -62,6 +62,7 @@ from spendgate_common.telemetry import (
     RESERVATION_ID,
     SEQ_FIRST,
     SEQ_LAST,
+    SNAPSHOT_OUTCOME,
     Attributes,
     Counts,
     Telemetry,
@@ -75,6 +76,9 @@ from spendgate_ledger._store import EventRow
 
 # Bucket bounds of the batch size histogram, in commands (up to the largest batch).
 BATCH_COMMANDS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 65536)
+# A snapshot takes from milliseconds (a small state) to minutes (the child gets no idle
+# CPU; it is killed after 5).
+SNAPSHOT_DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +125,10 @@ class LedgerTelemetry:
         self.events_appended = Counts(())
         self.lease_changes = Counts((LEASE_CHANGE,))
         self.refusals = Counts((REASON,))
+        self.snapshots = Counts((SNAPSHOT_OUTCOME,))
         self._batch_commands: Histogram | None = None
         self._append_duration: Histogram | None = None
+        self._snapshot_duration: Histogram | None = None
         meter = self.meter
         if meter is None:
             return
@@ -155,6 +161,18 @@ class LedgerTelemetry:
             "spendgate.ledger.requests.refused",
             unit="{request}",
             description="Requests refused before the partition loop: not_owner, overloaded",
+        )
+        self.snapshots.register(
+            meter,
+            "spendgate.ledger.snapshots",
+            unit="{snapshot}",
+            description="Partition snapshots stored or failed (recovery replays from the last one)",
+        )
+        self._snapshot_duration = meter.create_histogram(
+            "spendgate.ledger.snapshot.duration",
+            unit="s",
+            description="Time from a snapshot's fork to its child's exit (encoded and stored)",
+            explicit_bucket_boundaries_advisory=SNAPSHOT_DURATION_BUCKETS_S,
         )
 
     @property
@@ -276,6 +294,12 @@ class LedgerTelemetry:
                 commands.append((span, traceparent_of(span.get_span_context()).encode()))
         batch_trace.requests += len(traces)
         return batch_trace
+
+    def snapshot_done(self, stored: bool, duration_s: float) -> None:
+        """Record a snapshot child's end: stored, or failed (killed, or an error)."""
+        self.snapshots.add(("stored" if stored else "failed",))
+        if self._snapshot_duration is not None:
+            self._snapshot_duration.record(duration_s)
 
     def end_batch(
         self,
