@@ -199,6 +199,11 @@ class _Tally:
     def in_window(self, at: float) -> bool:
         return self.window.begin_at <= at < self.window.end_at
 
+    def latency(self, started_at: float, replied_at: float) -> None:
+        """Record the latency of a call that started at ``started_at``."""
+        self.latencies_s.append(replied_at - started_at)
+        self.started_at.append(started_at)
+
     def error(self, error: BaseException) -> None:
         self.errors += 1
         if self.first_error is None:
@@ -250,8 +255,7 @@ async def _pair(client: LedgerClient, reserve: Reserve, started_at: float, tally
             tally.denied += 1
             return
         if tally.in_window(replied_at):
-            tally.latencies_s.append(replied_at - started_at)
-            tally.started_at.append(started_at)
+            tally.latency(started_at, replied_at)
         commit = Commit(
             tenant=reserve.tenant,
             key_id=reserve.key_id,
@@ -363,8 +367,7 @@ async def _baseline(job: BaselineJob) -> JobResult:
             tally.completed_total += 1
             if tally.in_window(replied_at):
                 tally.completed += 1
-                tally.latencies_s.append(replied_at - started_at)
-                tally.started_at.append(started_at)
+                tally.latency(started_at, replied_at)
 
     try:
         await sleep_until(job.window.start_at)

@@ -52,6 +52,8 @@ Reply = Callable[[str, bytes], Awaitable[None]]
 NATS_PAYLOAD_BYTES_DEFAULT = 1_048_576
 # Larger than any sequence number: "the newest snapshot, whatever its seq".
 SEQ_MAX = 2**62
+# The answer of a partition this replica was fenced from.
+_NOT_OWNER = Failed("not_owner", "this ledger replica no longer owns the partition")
 # Pause between attempts to rebuild state while Postgres is unreachable.
 RELOAD_RETRY_PAUSE = timedelta(milliseconds=250)
 
@@ -278,10 +280,7 @@ class PartitionWorker:
             while not self.fenced:
                 batch = await self._take()
                 if not await self._wait_to_decide():
-                    failure = Failed(
-                        "not_owner", "this ledger replica no longer owns the partition"
-                    )
-                    await self._reply_all(batch, _failed(batch, failure))
+                    await self._reply_all(batch, _failed(batch, _NOT_OWNER))
                     break
                 if not self._lease_fresh():
                     # Our lease may have passed to another replica: even an answer that
@@ -413,12 +412,7 @@ class PartitionWorker:
             self._relay.committed(rows, rows[-1].seq, traceparents)
             if self.state.last_seq == rows[-1].seq:
                 self._maybe_snapshot()  # nothing is decided on top: the state is the log
-        await self._reply_all(decided.requests, decided.replies)
-        if self._telemetry is not None:
-            commands = [request.commands for request in decided.requests]
-            self._telemetry.end_batch(
-                decided.traced, commands, decided.replies, rows, append_ns, None
-            )
+        await self._finish(decided, decided.replies, rows, append_ns, None)
         return None
 
     async def _answer(
@@ -426,14 +420,23 @@ class PartitionWorker:
     ) -> None:
         """Answer every request of ``decided`` with ``failure``: its append failed (it
         started and ended at ``append_ns``), or it was decided on top of one that did."""
+        rows = decided.rows if append_ns is not None else []
         replies = _failed(decided.requests, failure)
+        await self._finish(decided, replies, rows, append_ns or (0, 0), failure)
+
+    async def _finish(
+        self,
+        decided: _Decided,
+        replies: list[list[AnyResult]],
+        rows: Sequence[EventRow],
+        append_ns: tuple[int, int],
+        failure: Failed | None,
+    ) -> None:
+        """Send ``decided``'s replies, then record the batch (metrics, end of its spans)."""
         await self._reply_all(decided.requests, replies)
         if self._telemetry is not None:
             commands = [request.commands for request in decided.requests]
-            rows = decided.rows if append_ns is not None else []
-            self._telemetry.end_batch(
-                decided.traced, commands, replies, rows, append_ns or (0, 0), failure
-            )
+            self._telemetry.end_batch(decided.traced, commands, replies, rows, append_ns, failure)
 
     async def _reply_all(self, batch: list[PendingRequest], replies: list[list[AnyResult]]) -> None:
         """Answer each request. A reply NATS refuses (the connection is closed or being
@@ -484,18 +487,19 @@ class PartitionWorker:
         self._snapshot_task = asyncio.create_task(self._save_snapshot(seq, forked_at, saving))
 
     async def _save_snapshot(self, seq: int, forked_at: float, saving: Awaitable[None]) -> None:
+        failure: Exception | None = None
         try:
             await saving
         except (StoreUnavailableError, SnapshotChildError) as error:
-            # Harmless: recovery uses an older snapshot and replays a longer tail.
-            _log.warning("partition %d: snapshot at %d not saved: %s", self.partition, seq, error)
-            if self._telemetry is not None:
-                self._telemetry.snapshot_done(False, time.monotonic() - forked_at)
-            return
+            failure = error
         duration_s = time.monotonic() - forked_at
-        _log.info("partition %d: snapshot at %d stored in %.2f s", self.partition, seq, duration_s)
         if self._telemetry is not None:
-            self._telemetry.snapshot_done(True, duration_s)
+            self._telemetry.snapshot_done(failure is None, duration_s)
+        if failure is not None:
+            # Harmless: recovery uses an older snapshot and replays a longer tail.
+            _log.warning("partition %d: snapshot at %d not saved: %s", self.partition, seq, failure)
+            return
+        _log.info("partition %d: snapshot at %d stored in %.2f s", self.partition, seq, duration_s)
         # Long-lived state need not be scanned by every full collection (tens of ms with
         # a large state): move what exists now out of the collector's generations.
         gc.freeze()
@@ -508,7 +512,7 @@ class PartitionWorker:
                 "partition %d: fenced (epoch %d), dropping it", self.partition, self.lease.epoch
             )
             self.fenced = True
-            return Failed("not_owner", "this ledger replica no longer owns the partition")
+            return _NOT_OWNER
         except StoreUnavailableError as error:
             _log.warning("partition %d: append failed: %s", self.partition, error)
             return Failed("store_unavailable", "the ledger could not reach its database")
