@@ -44,7 +44,9 @@ from spendgate_common.partitioning import partition_for_tenant
 from spendgate_common.subjects import ledger_command_subject
 from spendgate_common.vault_keys import VaultKey, new_vault_key
 from spendgate_ledger._snapshot import (
+    SettledV1,
     SnapshotChildError,
+    SnapshotV1,
     decode_snapshot,
     encode_snapshot,
     fork_save_snapshot,
@@ -194,6 +196,27 @@ def test_snapshots_are_stored_compressed_and_uncompressed_ones_still_load() -> N
     assert plain[0] in (*range(0x80, 0x90), 0xDE, 0xDF), "a msgpack map"
     assert decode_snapshot(plain, fresh()) == state
     assert decode_snapshot(body, fresh()) == state
+
+
+def test_settled_ids_are_stored_as_columns_and_version_1_snapshots_still_load() -> None:
+    state, _ = rich_state()
+    snapshot = msgspec.msgpack.decode(zlib.decompress(encode_snapshot(state)[4:]), type=SnapshotV1)
+    assert (snapshot.version, snapshot.settled) == (2, [])
+    assert len(snapshot.settled_queue) == 16 * len(state.settled)
+    # Version 1 listed every settled id, and had no columns.
+    version_1 = msgspec.structs.replace(
+        snapshot,
+        version=1,
+        settled=[SettledV1(*entry) for entry in state.settled.entries()],
+        settled_queue=b"",
+        settled_chunks=[],
+    )
+    restored = decode_snapshot(msgspec.msgpack.encode(version_1), fresh())
+    assert restored == state
+    assert restored.settled.get(next(state.settled.entries())[1]) is not None
+    version_3 = msgspec.structs.replace(snapshot, version=3)
+    with pytest.raises(ValueError, match="v3"):
+        decode_snapshot(msgspec.msgpack.encode(version_3), fresh())
 
 
 # ------------------------------------------------------------------ service: kill -9

@@ -41,7 +41,11 @@ from spendgate_ledger._state import (
     PartitionState,
 )
 
-SNAPSHOT_VERSION = 1
+# 2: settled ids as columns (spendgate_ledger._settled). Version 1 snapshots still load;
+# a ledger that knows only version 1 refuses a version 2 snapshot (and replays the log
+# instead) rather than load it without its settled ids.
+SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSIONS_READ = (1, 2)
 
 
 class MeterV1(msgspec.Struct, frozen=True, array_like=True):
@@ -91,6 +95,11 @@ class SettledV1(msgspec.Struct, frozen=True, array_like=True):
     outcome: str
 
 
+class SettledChunkV2(msgspec.Struct, frozen=True, array_like=True):
+    index: int
+    outcomes: bytes
+
+
 class RememberedV1(msgspec.Struct, frozen=True, array_like=True):
     at_ms: int
     key_id: str
@@ -114,11 +123,16 @@ class SnapshotV1(msgspec.Struct, frozen=True):
     keys: list[KeyV1]
     budgets: list[BudgetV1]  # in creation order: it is the order budgets are checked in
     holds: list[HoldV1]
-    settled: list[SettledV1]  # oldest first
+    # Version 1: every settled id, oldest first. Version 2: the ids not of the compact
+    # shape, oldest first; the others are in the two columns below.
+    settled: list[SettledV1]
     remembered: list[RememberedV1]  # oldest first
     # Absent in snapshots written before contracts existed.
     contract_sets: list[ContractsSet] = msgspec.field(default_factory=list)
     approvals: list[ApprovalV1] = msgspec.field(default_factory=list)  # oldest first
+    # Version 2 (spendgate_ledger._settled.SettledIds.compact_columns).
+    settled_queue: bytes = b""
+    settled_chunks: list[SettledChunkV2] = msgspec.field(default_factory=list)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -157,6 +171,7 @@ def _meter(wire: MeterV1) -> Meter:
 
 def encode_snapshot(state: PartitionState) -> bytes:
     """The state as snapshot bytes (call only when the state equals the committed log)."""
+    settled_queue, settled_chunks = state.settled.compact_columns()
     snapshot = SnapshotV1(
         version=SNAPSHOT_VERSION,
         partition=state.partition,
@@ -192,8 +207,8 @@ def encode_snapshot(state: PartitionState) -> bytes:
             for h in state.holds.values()
         ],
         settled=[
-            SettledV1(at_ms, reservation_id, state.settled[reservation_id])
-            for at_ms, reservation_id in state.settled_order
+            SettledV1(at_ms, reservation_id, outcome)
+            for at_ms, reservation_id, outcome in state.settled.other_entries()
         ],
         remembered=[
             RememberedV1(
@@ -219,6 +234,8 @@ def encode_snapshot(state: PartitionState) -> bytes:
             ApprovalV1(record.request, record.status, record.decided_by, record.note)
             for record in state.approvals.values()
         ],
+        settled_queue=settled_queue,
+        settled_chunks=[SettledChunkV2(index, outcomes) for index, outcomes in settled_chunks],
     )
     return _COMPRESSED_MARK + zlib.compress(_encoder.encode(snapshot), _COMPRESSION_LEVEL)
 
@@ -236,7 +253,7 @@ def decode_snapshot(body: bytes, fresh: PartitionState) -> PartitionState:
         except zlib.error as error:
             raise ValueError(f"snapshot does not decompress: {error}") from error
     snapshot = _decoder.decode(body)
-    if snapshot.version != SNAPSHOT_VERSION or snapshot.partition != fresh.partition:
+    if snapshot.version not in SNAPSHOT_VERSIONS_READ or snapshot.partition != fresh.partition:
         raise ValueError(f"snapshot v{snapshot.version} of partition {snapshot.partition}")
     assert fresh.last_seq == 0, "restore into an empty state"
     state = fresh
@@ -276,9 +293,11 @@ def decode_snapshot(body: bytes, fresh: PartitionState) -> PartitionState:
             hold.in_flight,
         )
         state.track_hold(state.holds[hold.reservation_id])
+    state.settled.restore_compact(
+        snapshot.settled_queue, [(chunk.index, chunk.outcomes) for chunk in snapshot.settled_chunks]
+    )
     for settled in snapshot.settled:
-        state.settled[settled.reservation_id] = settled.outcome
-        state.settled_order.append((settled.at_ms, settled.reservation_id))
+        state.settled.add(settled.reservation_id, settled.outcome, settled.at_ms)
     for remembered in snapshot.remembered:
         entry_key = (remembered.key_id, remembered.idempotency_key)
         state.idempotency[entry_key] = IdempotencyEntry(

@@ -108,6 +108,7 @@ from spendgate_common.windows import window_bounds_ms
 from spendgate_ledger._contracts import TenantContracts, compile_rules, evaluation_context
 from spendgate_ledger._contracts import decide as decide_contracts
 from spendgate_ledger._queries import answer_query
+from spendgate_ledger._settled import SettledIds
 from spendgate_ledger._sharded import ShardedDict
 
 # Most approvals one ListApprovals answers.
@@ -295,15 +296,16 @@ class PartitionState:
     # Budget ids are chosen by users, so they are unique per tenant, not per partition.
     budgets: dict[tuple[str, str], BudgetRecord] = field(default_factory=dict)
     holds: dict[str, Hold] = field(default_factory=dict)
+    # Millions of ids on a busy partition: compact, no object per id
+    # (spendgate_ledger._settled).
+    settled: SettledIds = field(init=False)
     # Sharded: millions of entries on a busy partition, and one CPython dict rebuilds
     # itself whole as it grows or churns (spendgate_ledger._sharded).
-    settled: ShardedDict[str, str] = field(default_factory=ShardedDict)
     idempotency: ShardedDict[tuple[str, str], IdempotencyEntry] = field(default_factory=ShardedDict)
     # Indexes, in apply order: derived from the fields above, but part of the state.
     _tenant_budgets: dict[str, list[str]] = field(default_factory=dict)
     _vendor_budgets: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     _fleet_budgets: dict[str, list[str]] = field(default_factory=dict)
-    settled_order: deque[tuple[int, str]] = field(default_factory=deque)
     idempotency_order: deque[tuple[int, tuple[str, str]]] = field(default_factory=deque)
     # Caches: not compared (a recovered state may hold them in another shape).
     _budgets_generation: int = field(default=0, compare=False)
@@ -320,6 +322,9 @@ class PartitionState:
     approval_index: dict[tuple[str, str], str] = field(default_factory=dict)
     # The read-only queries' sorted indexes (spendgate_ledger._queries), built on first use.
     query_indexes: object = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.settled = SettledIds(self.partition)
 
     def entries(self) -> int:
         """How many records the state holds (what a snapshot's size grows with)."""
@@ -1208,8 +1213,7 @@ class PartitionState:
             self.idempotency_order.append((at_ms, entry_key))
 
     def _settle(self, reservation_id: str, outcome: str, at_ms: int) -> None:
-        self.settled[reservation_id] = outcome
-        self.settled_order.append((at_ms, reservation_id))
+        self.settled.add(reservation_id, outcome, at_ms)
 
     def _forget_before(self, at_ms: int) -> None:
         """Drop idempotency answers and settled ids older than their retention windows."""
@@ -1217,10 +1221,7 @@ class PartitionState:
         while self.idempotency_order and self.idempotency_order[0][0] < cutoff_ms:
             _, entry_key = self.idempotency_order.popleft()
             self.idempotency.pop(entry_key, None)
-        cutoff_ms = at_ms - self.settled_retention_ms
-        while self.settled_order and self.settled_order[0][0] < cutoff_ms:
-            _, reservation_id = self.settled_order.popleft()
-            self.settled.pop(reservation_id, None)
+        self.settled.forget_before(at_ms - self.settled_retention_ms)
 
 
 # ------------------------------------------------------------------------- validation
