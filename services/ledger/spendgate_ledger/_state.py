@@ -255,6 +255,9 @@ class Decision(msgspec.Struct, frozen=True):
     events: tuple[AnyEvent, ...] = ()
 
 
+# How many settled ids cost a snapshot what one other record costs (PartitionState.entries).
+SETTLED_IDS_PER_RECORD = 10
+
 # Fingerprints of recent (vendor, operation, amount) triples: a fleet repeats the same
 # calls (a charge of one price, a message to one country), and hashing costs more than a
 # lookup. Bounded: emptied when full.
@@ -327,12 +330,15 @@ class PartitionState:
         self.settled = SettledIds(self.partition)
 
     def entries(self) -> int:
-        """How many records the state holds (what a snapshot's size grows with)."""
+        """How many records the state holds, as a snapshot's encoding cost counts them
+        (what the snapshot interval grows with). A settled id counts a tenth: it is a
+        column entry, copied with its block (82 ns to encode, measured over 500,000, where
+        as a record of its own it took 930 ns)."""
         return (
             len(self.keys)
             + len(self.budgets)
             + len(self.holds)
-            + len(self.settled)
+            + len(self.settled) // SETTLED_IDS_PER_RECORD
             + len(self.idempotency)
             + len(self.approvals)
         )
