@@ -202,13 +202,14 @@ def test_settled_ids_are_stored_as_columns_and_version_1_snapshots_still_load() 
     state, _ = rich_state()
     snapshot = msgspec.msgpack.decode(zlib.decompress(encode_snapshot(state)[4:]), type=SnapshotV1)
     assert (snapshot.version, snapshot.settled) == (2, [])
-    assert len(snapshot.settled_queue) == 16 * len(state.settled)
+    assert len(snapshot.settled_seqs) == 8 * len(state.settled)
     # Version 1 listed every settled id, and had no columns.
     version_1 = msgspec.structs.replace(
         snapshot,
         version=1,
         settled=[SettledV1(*entry) for entry in state.settled.entries()],
-        settled_queue=b"",
+        settled_times=b"",
+        settled_seqs=b"",
         settled_chunks=[],
     )
     restored = decode_snapshot(msgspec.msgpack.encode(version_1), fresh())

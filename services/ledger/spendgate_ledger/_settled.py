@@ -21,10 +21,13 @@ chunk stays while any of its ids is remembered: a hold settled days after its gr
 
 from __future__ import annotations
 
+import itertools
+import operator
 import sys
 from array import array
 from collections import deque
 from collections.abc import Iterator
+from typing import NamedTuple
 
 # An outcome is stored as its index in this tuple plus one (0: not settled).
 OUTCOMES = ("committed", "released", "expired")
@@ -204,39 +207,71 @@ class SettledIds:
 
     # ------------------------------------------------------------------ snapshots
 
-    def compact_columns(self) -> tuple[bytes, list[tuple[int, bytes]]]:
-        """The compact ids as snapshot columns: the queue as little-endian int64 pairs
-        (settle time ms, seq), oldest first, and the chunks as ``(index, outcome bytes)``.
-        Copies of whole arrays, no per-id work: this is what a snapshot child encodes."""
-        queue = array("q")
-        for position, block in enumerate(self._blocks):
-            queue.extend(block[self._head :] if position == 0 else block)
-        if sys.byteorder != "little":  # pragma: no cover - no big-endian host in CI
-            queue.byteswap()
-        chunks = [(index, bytes(chunk)) for index, chunk in self._chunks.items()]
-        return queue.tobytes(), chunks
+    def compact_columns(self) -> SettledColumns:
+        """The compact ids as snapshot columns: settle times and seqs, oldest first, each
+        as little-endian int64 differences from the one before (the first from 0), and
+        the chunks as ``(index, outcome bytes)``.
 
-    def restore_compact(self, queue_bytes: bytes, chunks: list[tuple[int, bytes]]) -> None:
+        Differences because a snapshot is stored in the WAL that every append flushes:
+        settle times repeat and seqs climb by about two, so their differences compress
+        to almost nothing (500,000 ids: 0.9 MB stored as plain pairs, far less as
+        differences), and an open loop at 7,000 pairs/s showed its p99 rise from 7 to
+        10-12 ms while a 1 MB snapshot was stored. C-level passes over arrays, no Python
+        loop per id: this is what a snapshot child encodes."""
+        times, seqs = array("q"), array("q")
+        head = self._head
+        for block in self._blocks:
+            times.extend(block[head::2])
+            seqs.extend(block[head + 1 :: 2])
+            head = 0
+        chunks = [(index, bytes(chunk)) for index, chunk in self._chunks.items()]
+        return SettledColumns(_differences(times), _differences(seqs), chunks)
+
+    def restore_compact(self, columns: SettledColumns) -> None:
         """Load columns written by :meth:`compact_columns` into an empty store.
 
         Raises ``ValueError`` when they do not describe the same ids."""
         assert not self._count, "restore into an empty store"
-        if len(queue_bytes) % 16:
-            raise ValueError("settled-id queue is not whole (settle time, seq) pairs")
-        queue = array("q", queue_bytes)
-        if sys.byteorder != "little":  # pragma: no cover - no big-endian host in CI
-            queue.byteswap()
-        for index, outcomes in chunks:
+        times, seqs = _sums(columns.times, "times"), _sums(columns.seqs, "seqs")
+        if len(times) != len(seqs):
+            raise ValueError("settled-id columns differ in length")
+        for index, outcomes in columns.chunks:
             if len(outcomes) != CHUNK_SIZE:
                 raise ValueError(f"settled-id chunk {index} has {len(outcomes)} bytes")
             live = CHUNK_SIZE - outcomes.count(0)
             if live:
                 self._chunks[index] = bytearray(outcomes)
                 self._live[index] = live
-        self._count = len(queue) // 2
+        self._count = len(seqs)
         if self._count != sum(self._live.values()):
             raise ValueError("settled-id queue and chunks disagree")
+        queue = array("q", bytes(16 * len(seqs)))
+        queue[0::2], queue[1::2] = times, seqs
         for start in range(0, len(queue), _BLOCK_LEN):
             self._blocks.append(queue[start : start + _BLOCK_LEN])
         if queue:
             self._oldest_ms = min(self._oldest_ms, queue[0])
+
+
+class SettledColumns(NamedTuple):
+    """A :class:`SettledIds` store's compact ids as a snapshot holds them."""
+
+    times: bytes  # settle times (ms), int64 differences, little-endian
+    seqs: bytes  # seqs, int64 differences, little-endian
+    chunks: list[tuple[int, bytes]]  # (chunk index, CHUNK_SIZE outcome bytes)
+
+
+def _differences(values: array[int]) -> bytes:
+    differences = array("q", map(operator.sub, values, itertools.chain((0,), values)))
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian host in CI
+        differences.byteswap()
+    return differences.tobytes()
+
+
+def _sums(column: bytes, name: str) -> array[int]:
+    if len(column) % 8:
+        raise ValueError(f"settled-id {name} column is not whole int64 values")
+    differences = array("q", column)
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian host in CI
+        differences.byteswap()
+    return array("q", itertools.accumulate(differences))
