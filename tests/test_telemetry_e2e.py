@@ -304,6 +304,15 @@ async def test_metrics_endpoints_expose_the_counters_after_traffic(
         == 8
     )
     assert "spendgate_ledger_relay_backlog" in ledger
+    # The one reservation that was granted was settled (the auditor chained the commit,
+    # so the ledger had applied it; read again, as the loop read the ledger first).
+    async with httpx.AsyncClient(timeout=10) as client:
+        ledger_now = (await client.get(f"{ledger_url}/metrics")).text
+    remembered = {
+        kind: metric_value(ledger_now, "spendgate_ledger_state_records", spendgate_record=kind)
+        for kind in ("settled_id", "hold")
+    }
+    assert remembered == {"settled_id": 1, "hold": 0}
     assert (
         metric_value(
             ledger, "spendgate_ledger_snapshots_total", spendgate_snapshot_outcome="stored"

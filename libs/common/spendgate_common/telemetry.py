@@ -363,6 +363,7 @@ EVENT_TYPE = "spendgate.event.type"
 AUDIT_OUTCOME = "spendgate.audit.outcome"  # chained | duplicate | held
 LEASE_CHANGE = "spendgate.lease.change"  # acquired | released | lost
 SNAPSHOT_OUTCOME = "spendgate.snapshot.outcome"  # stored | failed
+RECORD = "spendgate.record"  # settled_id | answer | hold: what a ledger replica remembers
 SETTLEMENT = "spendgate.settlement"  # committed | expired: how a hold counted as spent
 
 # Span events.

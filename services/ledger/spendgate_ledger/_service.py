@@ -148,6 +148,7 @@ class LedgerService:
                 p: o.relay.committed_seq - o.relay.published_seq for p, o in self._owned_now()
             },
             lambda: sum(owned.worker.queued() for _, owned in self._owned_now()),
+            self._remembered,
         )
         self._pool = await pg.create_pool(
             settings.database_url,
@@ -433,6 +434,15 @@ class LedgerService:
     def _owned_now(self) -> list[tuple[int, _Owned]]:
         """A copy of the owned partitions, safe to read from the metrics thread."""
         return list(self._owned.items())
+
+    def _remembered(self) -> dict[str, int]:
+        """Records the owned partitions hold, by kind (read from the metrics thread)."""
+        states = [owned.worker.state for _, owned in self._owned_now()]
+        return {
+            "settled_id": sum(len(state.settled) for state in states),
+            "answer": sum(len(state.idempotency) for state in states),
+            "hold": sum(len(state.holds) for state in states),
+        }
 
     def _live(self) -> Check:
         """Liveness: started, and the lease loop ran a round recently (stuck otherwise)."""

@@ -59,6 +59,7 @@ from spendgate_common.telemetry import (
     LEASE_CHANGE,
     PARTITION,
     REASON,
+    RECORD,
     RESERVATION_ID,
     SEQ_FIRST,
     SEQ_LAST,
@@ -188,6 +189,7 @@ class LedgerTelemetry:
         partitions_owned: Callable[[], int],
         relay_backlogs: Callable[[], Mapping[int, int]],
         queued_requests: Callable[[], int],
+        remembered: Callable[[], Mapping[str, int]],
     ) -> None:
         """Gauges read when metrics are collected (in the collecting thread)."""
         meter = self.meter
@@ -202,6 +204,9 @@ class LedgerTelemetry:
 
         def queued(_: CallbackOptions) -> list[Observation]:
             return [Observation(queued_requests())]
+
+        def records(_: CallbackOptions) -> list[Observation]:
+            return [Observation(n, {RECORD: kind}) for kind, n in remembered().items()]
 
         meter.create_observable_gauge(
             "spendgate.ledger.partitions.owned",
@@ -220,6 +225,13 @@ class LedgerTelemetry:
             [queued],
             unit="{request}",
             description="Requests waiting for the partition loops of this replica",
+        )
+        meter.create_observable_gauge(
+            "spendgate.ledger.state.records",
+            [records],
+            unit="{record}",
+            description="What the partitions this replica owns remember: settled reservation"
+            " ids, idempotency answers, open holds (its memory grows with them)",
         )
 
     # ---------------------------------------------------------------------- tracing
