@@ -43,6 +43,7 @@ from spendgate_common.ledger_v1 import (
 from spendgate_common.partitioning import partition_for_tenant
 from spendgate_common.subjects import ledger_command_subject
 from spendgate_common.vault_keys import VaultKey, new_vault_key
+from spendgate_ledger._partition import SNAPSHOT_SPACING_MIN
 from spendgate_ledger._snapshot import (
     SettledV1,
     SnapshotChildError,
@@ -341,3 +342,33 @@ async def test_recovery_after_kill_uses_a_snapshot_and_equals_the_state_before(
     # The recovered replica remembers idempotency answers given before the kill.
     replay = await send(nats_url, [reserve(key, 10_000, idempotency_key="r0-0")])
     assert getattr(replay[0], "replayed", False) is True
+
+
+async def test_a_partition_snapshots_at_most_once_per_spacing(
+    database_url: str, nats_url: str, service_factory: ServiceFactory
+) -> None:
+    # A snapshot would be due after every batch; the spacing lets one through.
+    env = {
+        "SPENDGATE_DATABASE_URL": database_url,
+        "SPENDGATE_NATS_URL": nats_url,
+        "SPENDGATE_PARTITION_COUNT": str(PARTITION_COUNT),
+        "SPENDGATE_LEDGER_SNAPSHOT_EVERY_EVENTS": "1",
+    }
+    ledger = service_factory("ledger", env)
+    key = new_vault_key(TENANT)
+    expires_at_ms = time.time_ns() // 1_000_000 + 86_400_000
+    issued = await send(
+        nats_url, [issue(key, "fleet-x/run", 40_000_000, expires_at_ms=expires_at_ms)]
+    )
+    assert not any(isinstance(result, Failed) for result in issued), issued
+    stored = f"partition {PARTITION}: snapshot at"
+    for _ in range(100):
+        if stored in ledger.logs():
+            break
+        await asyncio.sleep(0.05)
+    for round_number in range(6):
+        results = await send(nats_url, [reserve(key, 10_000, idempotency_key=f"s{round_number}")])
+        assert not any(isinstance(result, Failed) for result in results), results
+        await asyncio.sleep(0.2)
+    assert SNAPSHOT_SPACING_MIN.total_seconds() > 2
+    assert ledger.logs().count(stored) == 1, ledger.logs()
