@@ -284,16 +284,25 @@ async def send(nats_url: str, commands: list[AnyCommand]) -> list[AnyResult]:
     return decode_result_batch(reply.data).results
 
 
-async def test_recovery_after_kill_uses_a_snapshot_and_equals_the_state_before(
-    database_url: str, nats_url: str, service_factory: ServiceFactory
-) -> None:
-    env = {
+def ledger_env(database_url: str, nats_url: str, **settings: str) -> dict[str, str]:
+    """A ledger's environment for these tests: the harness's services, and ``settings``."""
+    return {
         "SPENDGATE_DATABASE_URL": database_url,
         "SPENDGATE_NATS_URL": nats_url,
         "SPENDGATE_PARTITION_COUNT": str(PARTITION_COUNT),
-        "SPENDGATE_LEDGER_LEASE_MS": "1000",
-        "SPENDGATE_LEDGER_SNAPSHOT_EVERY_EVENTS": "40",
+        **settings,
     }
+
+
+async def test_recovery_after_kill_uses_a_snapshot_and_equals_the_state_before(
+    database_url: str, nats_url: str, service_factory: ServiceFactory
+) -> None:
+    env = ledger_env(
+        database_url,
+        nats_url,
+        SPENDGATE_LEDGER_LEASE_MS="1000",
+        SPENDGATE_LEDGER_SNAPSHOT_EVERY_EVENTS="40",
+    )
     ledger = service_factory("ledger", env)
     key = new_vault_key(TENANT)
     budget = CreateBudget(TENANT, "fleet-x", "fleet", "fleet-x", 50_000_000, "daily", "UTC")
@@ -348,12 +357,7 @@ async def test_a_partition_snapshots_at_most_once_per_spacing(
     database_url: str, nats_url: str, service_factory: ServiceFactory
 ) -> None:
     # A snapshot would be due after every batch; the spacing lets one through.
-    env = {
-        "SPENDGATE_DATABASE_URL": database_url,
-        "SPENDGATE_NATS_URL": nats_url,
-        "SPENDGATE_PARTITION_COUNT": str(PARTITION_COUNT),
-        "SPENDGATE_LEDGER_SNAPSHOT_EVERY_EVENTS": "1",
-    }
+    env = ledger_env(database_url, nats_url, SPENDGATE_LEDGER_SNAPSHOT_EVERY_EVENTS="1")
     ledger = service_factory("ledger", env)
     key = new_vault_key(TENANT)
     expires_at_ms = time.time_ns() // 1_000_000 + 86_400_000
