@@ -472,12 +472,14 @@ class PartitionWorker:
         return max(self._loader.snapshot_every_events, self.state.entries() // 2)
 
     def _snapshot_due(self) -> bool:
-        """Whether a snapshot is due and none is being written."""
+        """Whether a snapshot is due and none is being written. (Asked before every
+        batch while an append is in flight: the spacing, false on a hot partition nearly
+        always, is checked before the interval, which counts the state's records.)"""
         writing = self._snapshot_task is not None and not self._snapshot_task.done()
         return (
             not writing
-            and self.state.last_seq - self._snapshot_seq >= self._snapshot_interval()
             and time.monotonic() - self._snapshot_forked_at >= SNAPSHOT_SPACING_MIN.total_seconds()
+            and self.state.last_seq - self._snapshot_seq >= self._snapshot_interval()
         )
 
     def _maybe_snapshot(self) -> None:
