@@ -221,7 +221,8 @@ async def test_a_tls_handshake_that_never_completes_is_a_connect_timeout(
             started_at = time.monotonic()
             with pytest.raises(httpx.ConnectTimeout):
                 await http.get("/")
-            assert time.monotonic() - started_at < SHORT_TIMEOUT_S + 0.5
+            # The short connect limit ended it, not the client's overall timeout.
+            assert time.monotonic() - started_at < CLIENT_TIMEOUT_S
 
 
 # ------------------------------------------------------------------------- failures, bounds
@@ -254,7 +255,8 @@ async def test_an_answer_that_does_not_come_is_a_read_timeout(answer: bytes) -> 
         with pytest.raises(httpx.ReadTimeout):
             await http.get("/")
         waited_s = time.monotonic() - started_at
-        assert SHORT_TIMEOUT_S * 0.9 <= waited_s < SHORT_TIMEOUT_S + 0.5
+        # The short read limit ended it, not the client's overall timeout.
+        assert SHORT_TIMEOUT_S * 0.9 <= waited_s < CLIENT_TIMEOUT_S
         assert upstream.connections_accepted == 1
         # The timed-out connection is closed, not left open or returned to the pool.
         async with asyncio.timeout(CLIENT_TIMEOUT_S):

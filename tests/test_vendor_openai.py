@@ -207,7 +207,6 @@ def test_denied_call_raises_rate_limit_error_without_retries(stack: Stack) -> No
         event_hooks={"request": [lambda request: attempts.append(str(request.url))]}
     )
     sdk = client(stack, key, max_retries=3, http_client=http_client)
-    started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as raised:
         sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     error = raised.value
@@ -218,9 +217,8 @@ def test_denied_call_raises_rate_limit_error_without_retries(stack: Stack) -> No
     body = error.response.json()
     assert body["code"] == "cap_exhausted"
     assert body["cap_usd"] == "0.0001"
-    # x-should-retry: false kept the SDK from retrying (3 retries would take seconds).
+    # x-should-retry: false kept the SDK from retrying.
     assert len(attempts) == 1
-    assert time.monotonic() - started < 2
     assert fake_requests(stack) == []
     state = key_state(stack, key["key_id"])
     assert state["committed_micros"] == 0
@@ -332,6 +330,10 @@ def test_stream_broken_off_upstream_raises_in_the_sdk_and_settles_at_the_estimat
 
 def test_stalled_stream_times_out_and_settles_at_the_estimate(stack: Stack) -> None:
     key = issue_key(stack)
+    # Started before the request: the gateway may read the two events before create()
+    # returns, and its read timeout counts from that read, so only a clock started
+    # earlier is sure to see the whole timeout pass.
+    started = time.monotonic()
     stream = client(stack, key, max_retries=0).chat.completions.create(
         model="gpt-4o",
         messages=MESSAGES,
@@ -339,7 +341,6 @@ def test_stalled_stream_times_out_and_settles_at_the_estimate(stack: Stack) -> N
         max_tokens=30,
         extra_headers={"x-fake-stall-after-events": "2"},
     )
-    started = time.monotonic()
     with pytest.raises(openai.APIError) as raised:
         list(stream)
     assert "read timeout" in raised.value.message
