@@ -1,8 +1,10 @@
-"""bench/ledger's report: the latency by half-second of a run's window."""
+"""bench/ledger's report: the latency by half-second of a run's window, autovacuum beside it."""
 
 from __future__ import annotations
 
 import math
+
+import msgspec
 
 from bench.ledger._load import JobResult
 from bench.ledger._report import Measurement, intervals, table
@@ -39,3 +41,28 @@ def test_an_empty_half_second_has_no_percentiles_and_the_table_shows_them_all() 
     assert "by half-second of the window" in text
     assert " 0.0s   1.0/  1.0" in text
     assert " 1.0s   9.0/  9.0" in text
+
+
+def test_autovacuum_seen_beside_a_run_is_shown_with_its_cores() -> None:
+    results = [JobResult(completed=3, latencies_ms=[1.0, 2.0, 9.0], started_s=[0.2, 0.7, 1.1])]
+    vacuum = "autovacuum: VACUUM ANALYZE public.events"
+    seen = Measurement.of(
+        "open",
+        concurrency=0,
+        target_rate_per_s=2.0,
+        duration_s=1.5,
+        results=results,
+        cores={"postgres": 0.36},
+        autovacuum=[vacuum],
+    )
+    quiet = Measurement.of(
+        "hot", concurrency=16, target_rate_per_s=None, duration_s=1.5, results=results, cores={}
+    )
+    assert seen.summary().endswith(f"cores: postgres 0.36; {vacuum}")
+    assert "autovacuum" not in quiet.summary()
+    text = table([quiet, seen], None)
+    assert f"open     0: postgres 0.36  [{vacuum}]" in text
+    assert "hot    16: \n" in text + "\n"
+    # Results written before the field existed still load.
+    old = msgspec.json.encode(seen).replace(b',"autovacuum":["' + vacuum.encode() + b'"]', b"")
+    assert msgspec.json.decode(old, type=Measurement).autovacuum == []

@@ -152,10 +152,14 @@ class Bench:
         """Hand one job to each of the first ``len(jobs)`` workers; sample CPU; collect."""
         components = self.cluster.process_ids()
         components["clients"] = self.pool.send(jobs)
+        # Looked at while the workers connect (a connection costs Postgres a fork, which
+        # the window should not see) and after the window.
+        vacuums = _probe.autovacuums(self.cluster.database_url)
         time.sleep(max(0.0, window.begin_at - time.monotonic()))
         before = _cpu.sample(components, with_children={"postgres"})
         time.sleep(max(0.0, window.end_at - time.monotonic()))
         after = _cpu.sample(components, with_children={"postgres"})
+        vacuums += _probe.autovacuums(self.cluster.database_url)
         results = self.pool.collect(len(jobs), RESULT_DEADLINE_S)
         measurement = _report.Measurement.of(
             kind,
@@ -164,6 +168,7 @@ class Bench:
             duration_s=self.args.duration,
             results=results,
             cores=_cpu.cores_used(before, after, window.end_at - window.begin_at),
+            autovacuum=sorted(set(vacuums)),
         )
         self.measurements.append(measurement)
         return measurement

@@ -50,6 +50,25 @@ class Probe:
     at: float  # time.monotonic()
 
 
+def autovacuums(database_url: str) -> list[str]:
+    """What Postgres's autovacuum workers are doing now (``pg_stat_activity.query``, e.g.
+    ``autovacuum: VACUUM ANALYZE public.events``), so that a run can say whether one ran
+    beside it: a throttled vacuum of the event log costs a tenth of a core."""
+
+    async def read() -> list[str]:
+        connection = await asyncpg.connect(database_url)
+        try:
+            rows = await connection.fetch(
+                "SELECT query FROM pg_stat_activity"
+                " WHERE backend_type = 'autovacuum worker' AND query <> '' ORDER BY query"
+            )
+        finally:
+            await connection.close()
+        return [row["query"] for row in rows]
+
+    return asyncio.run(read())
+
+
 async def _postgres_counters(database_url: str) -> dict[str, object]:
     connection = await asyncpg.connect(database_url)
     try:

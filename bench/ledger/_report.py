@@ -99,6 +99,8 @@ class Measurement(msgspec.Struct, frozen=True):
     # Ledger process CPU per pair (or per UPDATE: 0): robust to other load on the machine.
     ledger_cpu_us_per_pair: float
     intervals: list[Interval] = msgspec.field(default_factory=list)
+    # Autovacuum work seen at the window's start or end (pg_stat_activity's query).
+    autovacuum: list[str] = msgspec.field(default_factory=list)
 
     @classmethod
     def of(
@@ -110,6 +112,7 @@ class Measurement(msgspec.Struct, frozen=True):
         duration_s: float,
         results: Sequence[JobResult],
         cores: dict[str, float],
+        autovacuum: Sequence[str] = (),
     ) -> Measurement:
         samples = [latency for result in results for latency in result.latencies_ms]
         errors = [result.first_error for result in results if result.first_error is not None]
@@ -130,6 +133,7 @@ class Measurement(msgspec.Struct, frozen=True):
             completed_total=sum(result.completed_total for result in results),
             ledger_cpu_us_per_pair=round(ledger_cpu_us, 1),
             intervals=intervals(results, duration_s),
+            autovacuum=list(autovacuum),
         )
 
     def summary(self) -> str:
@@ -140,9 +144,10 @@ class Measurement(msgspec.Struct, frozen=True):
             problems = f", errors {self.errors} denied {self.denied} dropped {self.dropped}"
             if self.first_error:
                 problems += f" ({self.first_error})"
+        vacuum = f"; {', '.join(self.autovacuum)}" if self.autovacuum else ""
         return (
             f"{rate}, p50 {self.latency.p50_ms:.2f} ms, p99 {self.latency.p99_ms:.2f} ms"
-            f"{problems}; cores: {cores}"
+            f"{problems}; cores: {cores}{vacuum}"
         )
 
 
@@ -223,10 +228,14 @@ def table(measurements: Sequence[Measurement], verdict: Acceptance | None) -> st
         " the machine during the run; 'steal': CPU the hypervisor took (a capped virtual"
         " machine is frozen whole, for ~100 ms at a time: its latency tail is the machine's)"
     )
-    lines.append("cores used during each run:")
+    lines.append(
+        "cores used during each run (and Postgres autovacuum work seen at its start or end,"
+        " part of postgres's cores):"
+    )
     for m in measurements:
         cores = "  ".join(f"{name} {used:.2f}" for name, used in m.cores.items())
-        lines.append(f"  {m.kind:>10} {m.concurrency:>5}: {cores}")
+        vacuum = f"  [{', '.join(m.autovacuum)}]" if m.autovacuum else ""
+        lines.append(f"  {m.kind:>10} {m.concurrency:>5}: {cores}{vacuum}")
     if verdict is not None:
         mark = {True: "ok", False: "NOT MET"}
         lines += [
