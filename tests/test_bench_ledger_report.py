@@ -25,16 +25,24 @@ def test_latencies_are_reported_by_the_half_second_they_started_in() -> None:
     assert found[2].p99_ms == 4.0
 
 
-def test_an_empty_half_second_has_no_percentiles_and_the_table_shows_them_all() -> None:
-    results = [JobResult(completed=2, latencies_ms=[1.0, 9.0], started_s=[0.2, 1.1])]
-    measurement = Measurement.of(
+def _open_run(
+    results: list[JobResult], cores: dict[str, float], autovacuum: list[str] | None = None
+) -> Measurement:
+    """An open-loop run of 1.5 s at 2 pairs/s."""
+    return Measurement.of(
         "open",
         concurrency=0,
         target_rate_per_s=2.0,
         duration_s=1.5,
         results=results,
-        cores={"ledger": 0.1},
+        cores=cores,
+        autovacuum=autovacuum or [],
     )
+
+
+def test_an_empty_half_second_has_no_percentiles_and_the_table_shows_them_all() -> None:
+    results = [JobResult(completed=2, latencies_ms=[1.0, 9.0], started_s=[0.2, 1.1])]
+    measurement = _open_run(results, {"ledger": 0.1})
     assert measurement.intervals[1].count == 0
     assert math.isnan(measurement.intervals[1].p99_ms)
     text = table([measurement], None)
@@ -46,15 +54,7 @@ def test_an_empty_half_second_has_no_percentiles_and_the_table_shows_them_all() 
 def test_autovacuum_seen_beside_a_run_is_shown_with_its_cores() -> None:
     results = [JobResult(completed=3, latencies_ms=[1.0, 2.0, 9.0], started_s=[0.2, 0.7, 1.1])]
     vacuum = "autovacuum: VACUUM ANALYZE public.events"
-    seen = Measurement.of(
-        "open",
-        concurrency=0,
-        target_rate_per_s=2.0,
-        duration_s=1.5,
-        results=results,
-        cores={"postgres": 0.36},
-        autovacuum=[vacuum],
-    )
+    seen = _open_run(results, {"postgres": 0.36}, [vacuum])
     quiet = Measurement.of(
         "hot", concurrency=16, target_rate_per_s=None, duration_s=1.5, results=results, cores={}
     )
