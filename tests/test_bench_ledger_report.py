@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 
 import msgspec
 
 from bench.ledger._load import JobResult
-from bench.ledger._report import Measurement, intervals, table
+from bench.ledger._probe import AutovacuumWatch
+from bench.ledger._report import AutovacuumSeen, Measurement, intervals, table
 
 
 def test_latencies_are_reported_by_the_half_second_they_started_in() -> None:
@@ -26,7 +29,7 @@ def test_latencies_are_reported_by_the_half_second_they_started_in() -> None:
 
 
 def _open_run(
-    results: list[JobResult], cores: dict[str, float], autovacuum: list[str] | None = None
+    results: list[JobResult], cores: dict[str, float], autovacuum: AutovacuumSeen | None = None
 ) -> Measurement:
     """An open-loop run of 1.5 s at 2 pairs/s."""
     return Measurement.of(
@@ -36,7 +39,7 @@ def _open_run(
         duration_s=1.5,
         results=results,
         cores=cores,
-        autovacuum=autovacuum or [],
+        autovacuum=autovacuum,
     )
 
 
@@ -54,15 +57,30 @@ def test_an_empty_half_second_has_no_percentiles_and_the_table_shows_them_all() 
 def test_autovacuum_seen_beside_a_run_is_shown_with_its_cores() -> None:
     results = [JobResult(completed=3, latencies_ms=[1.0, 2.0, 9.0], started_s=[0.2, 0.7, 1.1])]
     vacuum = "autovacuum: VACUUM ANALYZE public.events"
-    seen = _open_run(results, {"postgres": 0.36}, [vacuum])
+    seen = _open_run(results, {"postgres": 0.36}, AutovacuumSeen([vacuum], 0.55))
     quiet = Measurement.of(
         "hot", concurrency=16, target_rate_per_s=None, duration_s=1.5, results=results, cores={}
     )
-    assert seen.summary().endswith(f"cores: postgres 0.36; {vacuum}")
+    note = f"autovacuum 55% of the window: {vacuum}"
+    assert seen.summary().endswith(f"cores: postgres 0.36; {note}")
     assert "autovacuum" not in quiet.summary()
     text = table([quiet, seen], None)
-    assert f"open     0: postgres 0.36  [{vacuum}]" in text
+    assert f"open     0: postgres 0.36  [{note}]" in text
     assert "hot    16: \n" in text + "\n"
     # Results written before the field existed still load.
-    old = msgspec.json.encode(seen).replace(b',"autovacuum":["' + vacuum.encode() + b'"]', b"")
-    assert msgspec.json.decode(old, type=Measurement).autovacuum == []
+    encoded = msgspec.json.encode(seen)
+    fields = b',"autovacuum":["' + vacuum.encode() + b'"],"autovacuum_share":0.55'
+    assert fields in encoded
+    old = msgspec.json.decode(encoded.replace(fields, b""), type=Measurement)
+    assert (old.autovacuum, old.autovacuum_share) == ([], 0.0)
+
+
+async def test_the_autovacuum_watch_reads_a_quiet_database_as_quiet(database_url: str) -> None:
+    begin_at = time.monotonic() + 0.2
+    watch = AutovacuumWatch(database_url, begin_at, begin_at + 0.5, interval_s=0.1)
+    watch.start()
+    # Another thread with its own event loop: this loop stays free meanwhile.
+    while watch.is_alive():
+        await asyncio.sleep(0.05)
+    assert watch.result(timeout_s=0) == AutovacuumSeen([], 0.0)
+    assert time.monotonic() >= begin_at + 0.4  # it looked until the window's end

@@ -80,6 +80,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="pairs/s of the open-loop run (default: half of the measured hot-budget peak)",
     )
     parser.add_argument(
+        "--open-duration",
+        type=float,
+        default=None,
+        help=(
+            "measured seconds of the open-loop run (default: --duration). A minute or more"
+            " lets autovacuum's work on the event log come and go as in a steady state"
+            " (at half the peak it runs about half the time); a short run shows either"
+            " the vacuum of the closed-loop runs' writes throughout, or none"
+        ),
+    )
+    parser.add_argument(
         "--open-clients",
         type=int,
         default=1,
@@ -99,6 +110,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-data", action="store_true", help="keep /tmp/spendgate-bench-*")
     args = parser.parse_args(argv)
+    if args.open_duration is not None and args.open_duration <= 0:
+        parser.error("--open-duration must be positive")
     if args.duration <= 0 or args.warmup < 0 or args.clients <= 0:
         parser.error("--duration and --clients must be positive, --warmup not negative")
     if not 0 < args.open_clients <= args.clients:
@@ -129,7 +142,8 @@ class Bench:
         assert self.workers is not None, "start_workers() first"
         return self.workers
 
-    def window(self) -> Window:
+    def window(self, duration_s: float | None = None) -> Window:
+        """The next run's window: ``duration_s`` measured seconds (default --duration)."""
         # Every run starts with the kernel's write-back queue empty. Postgres extends its
         # files with zero pages and the kernel writes dirty pages back in bursts once they
         # are 30 s old (hundreds of MB on this machine's single virtual disk, during which
@@ -138,7 +152,7 @@ class Bench:
         os.sync()
         start_at = time.monotonic() + JOB_LEAD_S
         begin_at = start_at + self.args.warmup
-        return Window(start_at, begin_at, begin_at + self.args.duration)
+        return Window(start_at, begin_at, begin_at + (duration_s or self.args.duration))
 
     def run(
         self,
@@ -152,23 +166,21 @@ class Bench:
         """Hand one job to each of the first ``len(jobs)`` workers; sample CPU; collect."""
         components = self.cluster.process_ids()
         components["clients"] = self.pool.send(jobs)
-        # Looked at while the workers connect (a connection costs Postgres a fork, which
-        # the window should not see) and after the window.
-        vacuums = _probe.autovacuums(self.cluster.database_url)
+        vacuum = _probe.AutovacuumWatch(self.cluster.database_url, window.begin_at, window.end_at)
+        vacuum.start()
         time.sleep(max(0.0, window.begin_at - time.monotonic()))
         before = _cpu.sample(components, with_children={"postgres"})
         time.sleep(max(0.0, window.end_at - time.monotonic()))
         after = _cpu.sample(components, with_children={"postgres"})
-        vacuums += _probe.autovacuums(self.cluster.database_url)
         results = self.pool.collect(len(jobs), RESULT_DEADLINE_S)
         measurement = _report.Measurement.of(
             kind,
             concurrency=concurrency,
             target_rate_per_s=target_rate_per_s,
-            duration_s=self.args.duration,
+            duration_s=round(window.end_at - window.begin_at, 6),
             results=results,
             cores=_cpu.cores_used(before, after, window.end_at - window.begin_at),
-            autovacuum=sorted(set(vacuums)),
+            autovacuum=vacuum.result(RESULT_DEADLINE_S),
         )
         self.measurements.append(measurement)
         return measurement
@@ -218,7 +230,7 @@ class Bench:
             f"relay caught up ({events:,} events published) after"
             f" {time.monotonic() - waited_from:.1f} s"
         )
-        window = self.window()
+        window = self.window(self.args.open_duration)
         processes = self.args.open_clients
         jobs = [
             LedgerOpenJob(
@@ -294,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started_at=started_at,
         settings={
             "duration_s": args.duration,
+            "open_duration_s": args.open_duration or args.duration,
             "warmup_s": args.warmup,
             "levels": args.levels,
             "clients": args.clients,

@@ -9,6 +9,7 @@ resident memory of the ledger and NATS processes, and CPU seconds per component.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import msgspec
 import nats
 
 from bench.ledger import _cpu
+from bench.ledger._report import AutovacuumSeen
 from spendgate_common.subjects import EVENTS_STREAM
 
 # Pause between two looks while waiting for the relay to publish everything.
@@ -50,23 +52,57 @@ class Probe:
     at: float  # time.monotonic()
 
 
-def autovacuums(database_url: str) -> list[str]:
-    """What Postgres's autovacuum workers are doing now (``pg_stat_activity.query``, e.g.
-    ``autovacuum: VACUUM ANALYZE public.events``), so that a run can say whether one ran
-    beside it: a throttled vacuum of the event log costs a tenth of a core."""
+class AutovacuumWatch(threading.Thread):
+    """Looks at Postgres's autovacuum workers every ``interval_s`` from ``begin_at`` to
+    ``end_at`` (``time.monotonic()``), from a thread of its own, so that a run can say
+    whether (and how much of the time) a vacuum shared the machine with it: a throttled
+    vacuum of the event log costs Postgres about a tenth of a core. It connects at once,
+    before the window (a connection costs Postgres a fork); ``result()`` waits for the
+    end."""
 
-    async def read() -> list[str]:
-        connection = await asyncpg.connect(database_url)
+    def __init__(
+        self, database_url: str, begin_at: float, end_at: float, interval_s: float = 0.5
+    ) -> None:
+        super().__init__(name="autovacuum-watch", daemon=True)
+        self._database_url = database_url
+        self._begin_at = begin_at
+        self._end_at = end_at
+        self._interval_s = interval_s
+        self._seen: AutovacuumSeen | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
         try:
-            rows = await connection.fetch(
-                "SELECT query FROM pg_stat_activity"
-                " WHERE backend_type = 'autovacuum worker' AND query <> '' ORDER BY query"
-            )
+            self._seen = asyncio.run(self._watch())
+        except BaseException as error:  # reported by result(), in the caller's thread
+            self._error = error
+
+    async def _watch(self) -> AutovacuumSeen:
+        connection = await asyncpg.connect(self._database_url)
+        queries: set[str] = set()
+        looks = busy = 0
+        try:
+            at = self._begin_at
+            while at < self._end_at:
+                await asyncio.sleep(max(0.0, at - time.monotonic()))
+                rows = await connection.fetch(
+                    "SELECT query FROM pg_stat_activity"
+                    " WHERE backend_type = 'autovacuum worker' AND query <> ''"
+                )
+                looks += 1
+                busy += bool(rows)
+                queries.update(row["query"] for row in rows)
+                at += self._interval_s
         finally:
             await connection.close()
-        return [row["query"] for row in rows]
+        return AutovacuumSeen(sorted(queries), round(busy / looks, 3) if looks else 0.0)
 
-    return asyncio.run(read())
+    def result(self, timeout_s: float) -> AutovacuumSeen:
+        self.join(timeout_s)
+        if self._error is not None:
+            raise self._error
+        assert self._seen is not None, "the autovacuum watch did not finish"
+        return self._seen
 
 
 async def _postgres_counters(database_url: str) -> dict[str, object]:

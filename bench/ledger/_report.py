@@ -74,6 +74,15 @@ def intervals(results: Sequence[JobResult], duration_s: float) -> list[Interval]
     return found
 
 
+class AutovacuumSeen(msgspec.Struct, frozen=True):
+    """What Postgres's autovacuum workers did during a window (``_probe.AutovacuumWatch``):
+    the distinct ``pg_stat_activity.query`` texts seen (``autovacuum: VACUUM ANALYZE
+    public.events``) and the share of looks that found at least one worker busy."""
+
+    queries: list[str]
+    share: float
+
+
 class Measurement(msgspec.Struct, frozen=True):
     """One bounded run. ``kind``: hot, baseline, partitions or open.
 
@@ -99,8 +108,10 @@ class Measurement(msgspec.Struct, frozen=True):
     # Ledger process CPU per pair (or per UPDATE: 0): robust to other load on the machine.
     ledger_cpu_us_per_pair: float
     intervals: list[Interval] = msgspec.field(default_factory=list)
-    # Autovacuum work seen at the window's start or end (pg_stat_activity's query).
+    # Autovacuum work seen during the window (pg_stat_activity's query, looked at twice a
+    # second), and the share of those looks that found a worker busy.
     autovacuum: list[str] = msgspec.field(default_factory=list)
+    autovacuum_share: float = 0.0
 
     @classmethod
     def of(
@@ -112,7 +123,7 @@ class Measurement(msgspec.Struct, frozen=True):
         duration_s: float,
         results: Sequence[JobResult],
         cores: dict[str, float],
-        autovacuum: Sequence[str] = (),
+        autovacuum: AutovacuumSeen | None = None,
     ) -> Measurement:
         samples = [latency for result in results for latency in result.latencies_ms]
         errors = [result.first_error for result in results if result.first_error is not None]
@@ -133,8 +144,15 @@ class Measurement(msgspec.Struct, frozen=True):
             completed_total=sum(result.completed_total for result in results),
             ledger_cpu_us_per_pair=round(ledger_cpu_us, 1),
             intervals=intervals(results, duration_s),
-            autovacuum=list(autovacuum),
+            autovacuum=autovacuum.queries if autovacuum is not None else [],
+            autovacuum_share=autovacuum.share if autovacuum is not None else 0.0,
         )
+
+    def vacuum_note(self) -> str:
+        """``autovacuum 55% of the window: <queries>``, or "" when none was seen."""
+        if not self.autovacuum:
+            return ""
+        return f"autovacuum {self.autovacuum_share:.0%} of the window: {', '.join(self.autovacuum)}"
 
     def summary(self) -> str:
         rate = f"{self.throughput_per_s:,.0f}/s"
@@ -144,7 +162,7 @@ class Measurement(msgspec.Struct, frozen=True):
             problems = f", errors {self.errors} denied {self.denied} dropped {self.dropped}"
             if self.first_error:
                 problems += f" ({self.first_error})"
-        vacuum = f"; {', '.join(self.autovacuum)}" if self.autovacuum else ""
+        vacuum = f"; {self.vacuum_note()}" if self.autovacuum else ""
         return (
             f"{rate}, p50 {self.latency.p50_ms:.2f} ms, p99 {self.latency.p99_ms:.2f} ms"
             f"{problems}; cores: {cores}{vacuum}"
@@ -229,12 +247,12 @@ def table(measurements: Sequence[Measurement], verdict: Acceptance | None) -> st
         " machine is frozen whole, for ~100 ms at a time: its latency tail is the machine's)"
     )
     lines.append(
-        "cores used during each run (and Postgres autovacuum work seen at its start or end,"
-        " part of postgres's cores):"
+        "cores used during each run (and Postgres autovacuum work seen during it, part of"
+        " postgres's cores):"
     )
     for m in measurements:
         cores = "  ".join(f"{name} {used:.2f}" for name, used in m.cores.items())
-        vacuum = f"  [{', '.join(m.autovacuum)}]" if m.autovacuum else ""
+        vacuum = f"  [{m.vacuum_note()}]" if m.autovacuum else ""
         lines.append(f"  {m.kind:>10} {m.concurrency:>5}: {cores}{vacuum}")
     if verdict is not None:
         mark = {True: "ok", False: "NOT MET"}
