@@ -86,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=(
             "measured seconds of the open-loop run (default: --duration). A minute or more"
             " lets autovacuum's work on the event log come and go as in a steady state"
-            " (at half the peak it runs about half the time); a short run shows either"
+            " (at half the peak it ran 37-38%% of a minute); a short run shows either"
             " the vacuum of the closed-loop runs' writes throughout, or none"
         ),
     )
