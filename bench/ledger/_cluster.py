@@ -138,6 +138,8 @@ class Cluster:
         if not keep_data:
             shutil.rmtree(self.root, ignore_errors=True)
             shutil.rmtree(self.nats_server.data_dir, ignore_errors=True)
+            # Beside its store: outside the root with --nats-store-dir.
+            self.nats_server.log_path.unlink(missing_ok=True)
 
     def process_ids(self) -> dict[str, list[int]]:
         """Pids of the server and ledger processes, by component (Postgres: the postmaster)."""
