@@ -110,7 +110,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-data", action="store_true", help="keep /tmp/spendgate-bench-*")
     args = parser.parse_args(argv)
-    if args.open_duration is not None and args.open_duration <= 0:
+    if args.open_duration is None:
+        args.open_duration = args.duration
+    elif args.open_duration <= 0:
         parser.error("--open-duration must be positive")
     if args.duration <= 0 or args.warmup < 0 or args.clients <= 0:
         parser.error("--duration and --clients must be positive, --warmup not negative")
@@ -142,8 +144,8 @@ class Bench:
         assert self.workers is not None, "start_workers() first"
         return self.workers
 
-    def window(self, duration_s: float | None = None) -> Window:
-        """The next run's window: ``duration_s`` measured seconds (default --duration)."""
+    def window(self, duration_s: float) -> Window:
+        """The next run's window, of ``duration_s`` measured seconds."""
         # Every run starts with the kernel's write-back queue empty. Postgres extends its
         # files with zero pages and the kernel writes dirty pages back in bursts once they
         # are 30 s old (hundreds of MB on this machine's single virtual disk, during which
@@ -152,7 +154,7 @@ class Bench:
         os.sync()
         start_at = time.monotonic() + JOB_LEAD_S
         begin_at = start_at + self.args.warmup
-        return Window(start_at, begin_at, begin_at + (duration_s or self.args.duration))
+        return Window(start_at, begin_at, begin_at + duration_s)
 
     def run(
         self,
@@ -173,20 +175,21 @@ class Bench:
         time.sleep(max(0.0, window.end_at - time.monotonic()))
         after = _cpu.sample(components, with_children={"postgres"})
         results = self.pool.collect(len(jobs), RESULT_DEADLINE_S)
+        measured_s = round(window.end_at - window.begin_at, 6)
         measurement = _report.Measurement.of(
             kind,
             concurrency=concurrency,
             target_rate_per_s=target_rate_per_s,
-            duration_s=round(window.end_at - window.begin_at, 6),
+            duration_s=measured_s,
             results=results,
-            cores=_cpu.cores_used(before, after, window.end_at - window.begin_at),
+            cores=_cpu.cores_used(before, after, measured_s),
             autovacuum=vacuum.result(RESULT_DEADLINE_S),
         )
         self.measurements.append(measurement)
         return measurement
 
     def ledger_closed(self, kind: str, keys: list[KeySpec], concurrency: int) -> None:
-        window = self.window()
+        window = self.window(self.args.duration)
         jobs = [
             LedgerClosedJob(
                 nats_url=self.cluster.nats_server.url,
@@ -203,7 +206,7 @@ class Bench:
         self.progress(f"{kind}, {concurrency} outstanding: {measurement.summary()}")
 
     def baseline(self, concurrency: int) -> None:
-        window = self.window()
+        window = self.window(self.args.duration)
         pool_sizes = split(min(concurrency, BASELINE_CONNECTIONS_MAX), len(self.pool))
         shares = split(concurrency, len(pool_sizes))
         jobs = [
@@ -306,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started_at=started_at,
         settings={
             "duration_s": args.duration,
-            "open_duration_s": args.open_duration or args.duration,
+            "open_duration_s": args.open_duration,
             "warmup_s": args.warmup,
             "levels": args.levels,
             "clients": args.clients,

@@ -162,7 +162,8 @@ class Measurement(msgspec.Struct, frozen=True):
             problems = f", errors {self.errors} denied {self.denied} dropped {self.dropped}"
             if self.first_error:
                 problems += f" ({self.first_error})"
-        vacuum = f"; {self.vacuum_note()}" if self.autovacuum else ""
+        note = self.vacuum_note()
+        vacuum = f"; {note}" if note else ""
         return (
             f"{rate}, p50 {self.latency.p50_ms:.2f} ms, p99 {self.latency.p99_ms:.2f} ms"
             f"{problems}; cores: {cores}{vacuum}"
@@ -252,7 +253,8 @@ def table(measurements: Sequence[Measurement], verdict: Acceptance | None) -> st
     )
     for m in measurements:
         cores = "  ".join(f"{name} {used:.2f}" for name, used in m.cores.items())
-        vacuum = f"  [{m.vacuum_note()}]" if m.autovacuum else ""
+        note = m.vacuum_note()
+        vacuum = f"  [{note}]" if note else ""
         lines.append(f"  {m.kind:>10} {m.concurrency:>5}: {cores}{vacuum}")
     if verdict is not None:
         mark = {True: "ok", False: "NOT MET"}
