@@ -30,6 +30,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from spendgate_auditor import verify
+from spendgate_common.event_batches import COLUMNS, batch_row
 from spendgate_common.event_messages_v2 import (
     StreamedEvent,
     encode_events,
@@ -130,17 +131,21 @@ def realistic_event(partition: int, seq: int) -> AnyEvent:
 async def write_events(connection: asyncpg.Connection[Any], jetstream: JetStreamContext) -> None:
     for partition in PARTITIONS:
         events = [realistic_event(partition, seq) for seq in range(1, EVENTS_PER_PARTITION + 1)]
-        records = [
-            (partition, seq, 1, type(event).__name__, encode_event(event))
+        rows = [
+            EventRow(seq, type(event).__name__, encode_event(event))
             for seq, event in enumerate(events, start=1)
         ]
-        await connection.copy_records_to_table(
-            "events", columns=("partition", "seq", "epoch", "type", "body"), records=records
-        )
-        # As appends of 16 events each: a message carries a run of 16.
-        rows = [EventRow(seq, kind, body) for _, seq, _, kind, body in records]
+        # As appends of 16 events each: a batch and a message hold a run of 16.
+        runs = list(split_runs(rows, events_max=EVENTS_PER_APPEND))
+        records = [
+            batch_row(
+                partition, 1, run[0].seq, [row.type for row in run], [row.body for row in run]
+            )
+            for run in runs
+        ]
+        await connection.copy_records_to_table("event_batches", columns=COLUMNS, records=records)
         acks = []
-        for run in split_runs(rows, events_max=EVENTS_PER_APPEND):
+        for run in runs:
             headers = message_headers(partition, run[0].seq, run[-1].seq)
             body = encode_events([StreamedEvent(row.seq, msgspec.Raw(row.body)) for row in run])
             acks.append(

@@ -12,7 +12,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from spendgate_auditor._service import TRANSACTION_EVENTS_MAX
 from spendgate_auditor._signing import Signer
 from spendgate_auditor.verify import ProblemKind
 from spendgate_cli.embedded import EmbeddedNats, EmbeddedPostgres
+from spendgate_common.event_batches import join_bodies, join_types
 from spendgate_common.event_messages_v2 import (
     StreamedEvent,
     encode_events,
@@ -77,6 +78,50 @@ FAST_AUDITOR_ENV = {
 KEY_ID = "abcdefghijklmnop"
 
 
+async def write_batch(
+    connection: asyncpg.Connection[Any],
+    partition: int,
+    first_seq: int,
+    last_seq: int,
+    events: Sequence[tuple[str, bytes]],
+) -> None:
+    """Insert one ``event_batches`` row holding ``(type, body)`` ``events`` for the seqs
+    ``first_seq..last_seq`` (as the ledger writes them, or as someone edits them)."""
+    await connection.execute(
+        "INSERT INTO event_batches (partition, first_seq, last_seq, epoch, types, bodies)"
+        " VALUES ($1, $2, $3, 1, $4, $5)",
+        partition,
+        first_seq,
+        last_seq,
+        join_types([type_ for type_, _ in events]),
+        join_bodies([body for _, body in events]),
+    )
+
+
+async def read_log(
+    connection: asyncpg.Connection[Any], partition: int
+) -> dict[int, tuple[str, bytes]]:
+    """A partition's events by seq, read through the ``events`` view."""
+    rows = await connection.fetch(
+        "SELECT seq, type, body FROM events WHERE partition = $1", partition
+    )
+    return {row["seq"]: (row["type"], bytes(row["body"])) for row in rows}
+
+
+async def rewrite_log(
+    connection: asyncpg.Connection[Any], partition: int, events: Mapping[int, tuple[str, bytes]]
+) -> None:
+    """Replace a partition's event log by ``events`` (by seq), one batch per run of
+    consecutive seqs: how someone who can write to Postgres edits the log."""
+    await connection.execute("DELETE FROM event_batches WHERE partition = $1", partition)
+    seqs = sorted(events)
+    while seqs:
+        run = [seqs.pop(0)]
+        while seqs and seqs[0] == run[-1] + 1:
+            run.append(seqs.pop(0))
+        await write_batch(connection, partition, run[0], run[-1], [events[s] for s in run])
+
+
 def event_body(partition: int, seq: int) -> bytes:
     """Canonical bytes of a distinct, realistic event for ``(partition, seq)``: the key is
     issued at seq 1, then each seq is a grant on it."""
@@ -117,11 +162,10 @@ class EventLog:
         self.jetstream = jetstream
 
     async def record(self, partition: int, seqs: range) -> None:
-        """Append ``seqs`` of ``partition`` to the events table (not published yet)."""
-        records = [(partition, s, 1, "ReservationGranted", event_body(partition, s)) for s in seqs]
-        await self.connection.copy_records_to_table(
-            "events", columns=("partition", "seq", "epoch", "type", "body"), records=records
-        )
+        """Append ``seqs`` of ``partition`` to the event log as one batch, as one append of
+        the ledger does (not published yet)."""
+        events = [("ReservationGranted", event_body(partition, s)) for s in seqs]
+        await write_batch(self.connection, partition, seqs[0], seqs[-1], events)
 
     async def publish(
         self,
@@ -373,40 +417,35 @@ async def test_a_gap_holds_the_partition_until_the_missing_event_arrives(
 
 
 async def _tamper(connection: asyncpg.Connection[Any], tamper: str) -> None:
-    """Change partition 1's events (seq 1..10) after they were chained."""
+    """Change partition 1's events (seq 1..10, one batch) after they were chained."""
     p = 1
+    events = await read_log(connection, p)
     if tamper == "edit":
-        await connection.execute(
-            "UPDATE events SET body = $1 WHERE partition = $2 AND seq = 4",
-            event_body(p, 4).replace(b"180000", b"1"),
-            p,
-        )
+        events[4] = (events[4][0], event_body(p, 4).replace(b"180000", b"1"))
     elif tamper == "delete":
-        await connection.execute("DELETE FROM events WHERE partition = $1 AND seq = 4", p)
+        del events[4]
     elif tamper == "swap":
-        await connection.execute(
-            "UPDATE events AS e SET body = o.body FROM events AS o"
-            " WHERE e.partition = $1 AND o.partition = $1"
-            " AND ((e.seq = 4 AND o.seq = 7) OR (e.seq = 7 AND o.seq = 4))",
-            p,
-        )
+        events[4], events[7] = events[7], events[4]
     elif tamper == "insert":
-        # Make room at seq 4 (in two steps: the primary key is checked row by row).
-        await connection.execute(
-            "UPDATE events SET seq = seq + 1000 WHERE partition = $1 AND seq >= 4", p
-        )
-        await connection.execute(
-            "UPDATE events SET seq = seq - 999 WHERE partition = $1 AND seq >= 1000", p
-        )
-        await connection.execute(
-            "INSERT INTO events (partition, seq, epoch, type, body) VALUES ($1, 4, 1, 'x', $2)",
-            p,
-            event_body(p, 99),
-        )
+        events = {seq + (seq >= 4): event for seq, event in events.items()}
+        events[4] = ("x", event_body(p, 99))
     elif tamper == "truncate":
-        await connection.execute("DELETE FROM events WHERE partition = $1 AND seq >= 9", p)
+        events = {seq: event for seq, event in events.items() if seq < 9}
+    elif tamper == "overlap":
+        # Two rows that both claim seqs 4 and 5: the view would show them twice.
+        await connection.execute("DELETE FROM event_batches WHERE partition = $1", p)
+        await write_batch(connection, p, 1, 5, [events[seq] for seq in range(1, 6)])
+        await write_batch(connection, p, 4, 10, [events[seq] for seq in range(4, 11)])
+        return
+    elif tamper == "extra_in_row":
+        # An event added to the row without renumbering its range.
+        await connection.execute("DELETE FROM event_batches WHERE partition = $1", p)
+        added = [*[events[seq] for seq in range(1, 11)], ("x", event_body(p, 99))]
+        await write_batch(connection, p, 1, 10, added)
+        return
     else:
         raise AssertionError(tamper)
+    await rewrite_log(connection, p, events)
 
 
 @pytest.mark.parametrize(
@@ -417,6 +456,8 @@ async def _tamper(connection: asyncpg.Connection[Any], tamper: str) -> None:
         ("swap", ProblemKind.LINK_MISMATCH, 4),
         ("insert", ProblemKind.LINK_MISMATCH, 4),
         ("truncate", ProblemKind.TRUNCATED_TAIL, 9),
+        ("overlap", ProblemKind.EVENT_BATCH_MALFORMED, 6),
+        ("extra_in_row", ProblemKind.EVENT_BATCH_MALFORMED, 1),
     ],
 )
 async def test_verify_detects_a_changed_event_log(
@@ -454,7 +495,9 @@ async def test_verify_detects_a_deleted_event_the_auditor_has_not_seen(
     event_log: EventLog, database_url: str
 ) -> None:
     await event_log.record(1, range(1, 6))
-    await event_log.connection.execute("DELETE FROM events WHERE seq = 3")
+    events = await read_log(event_log.connection, 1)
+    del events[3]
+    await rewrite_log(event_log.connection, 1, events)
     report = await verify(database_url)
     [broken] = report.broken
     assert broken.problem is not None
@@ -598,22 +641,20 @@ def test_verify_main_says_when_it_cannot_verify(capsys: pytest.CaptureFixture[st
 async def _rewrite_partition_chain(connection: asyncpg.Connection[Any], partition: int) -> None:
     """Recompute partition's links and head from its (changed) events: what someone who can
     write to Postgres, but has no signing key, can do to hide an edit."""
-    rows = await connection.fetch(
-        "SELECT seq, body FROM events WHERE partition = $1 ORDER BY seq", partition
-    )
+    events = sorted((await read_log(connection, partition)).items())
     previous = GENESIS_LINK
-    for row in rows:
-        previous = link(previous, partition, row["seq"], bytes(row["body"]))
+    for seq, (_, body) in events:
+        previous = link(previous, partition, seq, body)
         await connection.execute(
             "UPDATE audit_chain SET link = $3 WHERE partition = $1 AND seq = $2",
             partition,
-            row["seq"],
+            seq,
             previous,
         )
     await connection.execute(
         "UPDATE audit_heads SET seq = $2, link = $3 WHERE partition = $1",
         partition,
-        rows[-1]["seq"],
+        events[-1][0],
         previous,
     )
 
@@ -639,15 +680,14 @@ async def test_signed_checkpoints_catch_what_the_chain_alone_cannot(
     assert report.ok
     assert [p.signed_seq for p in report.partitions] == [10, 10]
     connection = event_log.connection
+    events = await read_log(connection, 1)
     if tamper == "edit_and_rewrite_chain":
-        await connection.execute(
-            "UPDATE events SET body = $1 WHERE partition = 1 AND seq = 4",
-            event_body(1, 4).replace(b"180000", b"1"),
-        )
+        events[4] = (events[4][0], event_body(1, 4).replace(b"180000", b"1"))
+        await rewrite_log(connection, 1, events)
         await _rewrite_partition_chain(connection, 1)
     elif tamper == "truncate_log_and_chain":
-        for table in ("events", "audit_chain"):
-            await connection.execute(f"DELETE FROM {table} WHERE partition = 1 AND seq >= 9")  # noqa: S608
+        await rewrite_log(connection, 1, {seq: e for seq, e in events.items() if seq < 9})
+        await connection.execute("DELETE FROM audit_chain WHERE partition = 1 AND seq >= 9")
         await _rewrite_partition_chain(connection, 1)
     elif tamper == "forge_signature":
         await connection.execute(
@@ -736,10 +776,9 @@ async def test_key_rotation_keeps_old_signatures_verifiable_and_from_seq_starts_
     assert late.ok
     assert (late.events, late.verified, late.checkpoints_verified) == (20, 20, 1)
     # An edit before the start is not seen from there, but one after it is.
-    await event_log.connection.execute(
-        "UPDATE events SET body = $1 WHERE partition = 3 AND seq = 25",
-        event_body(3, 25).replace(b"180000", b"7"),
-    )
+    events = await read_log(event_log.connection, 3)
+    events[25] = (events[25][0], event_body(3, 25).replace(b"180000", b"7"))
+    await rewrite_log(event_log.connection, 3, events)
     [late] = (await verify(database_url, partition=3, from_seq=30)).partitions
     assert late.problem is not None
     assert (late.problem.kind, late.problem.seq) == (ProblemKind.LINK_MISMATCH, 25)

@@ -555,7 +555,7 @@ async def test_appends_failing_under_load_lose_no_grant_and_grant_nothing_twice(
         await database.execute(
             "CREATE FUNCTION slow_append() RETURNS trigger LANGUAGE plpgsql AS"
             " $$ BEGIN PERFORM pg_sleep(0.01); RETURN NULL; END $$;"
-            " CREATE TRIGGER slow_append AFTER INSERT ON events"
+            " CREATE TRIGGER slow_append AFTER INSERT ON event_batches"
             " FOR EACH STATEMENT EXECUTE FUNCTION slow_append()"
         )
         loading = True

@@ -23,6 +23,7 @@ from bench._results import RESULTS_DIR, write_results
 from bench.auditor._events import partition_events
 from spendgate_cli.embedded import EmbeddedNats, EmbeddedPostgres
 from spendgate_cli.services import ServiceProcess, service_argv
+from spendgate_common.event_batches import COLUMNS, batch_row
 from spendgate_common.event_messages_v2 import (
     StreamedEvent,
     encode_events,
@@ -90,7 +91,7 @@ def progress(message: str, started: float) -> None:
 async def load(
     database_url: str, nats_url: str, events: int, partitions: int, events_per_message: int
 ) -> None:
-    """Fill the events table (COPY) and the stream (windows of async publishes of version 2
+    """Fill the event log (COPY) and the stream (windows of async publishes of version 2
     messages, ``events_per_message`` events each)."""
     connection: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
     client = await nats.connect(nats_url)
@@ -103,13 +104,17 @@ async def load(
         ]
         for partition, count in enumerate(per_partition):
             bodies = [encode_event(event) for event in partition_events(partition, count)]
-            await connection.copy_records_to_table(
-                "events",
-                columns=("partition", "seq", "epoch", "type", "body"),
-                records=[(partition, seq, 1, "x", body) for seq, body in enumerate(bodies, 1)],
-            )
             rows = [EventRow(seq, "x", body) for seq, body in enumerate(bodies, 1)]
+            # One batch per message, as the ledger appends and the relay publishes them.
             runs = list(split_runs(rows, events_max=events_per_message))
+            await connection.copy_records_to_table(
+                "event_batches",
+                columns=COLUMNS,
+                records=[
+                    batch_row(partition, 1, run[0].seq, ["x"] * len(run), [r.body for r in run])
+                    for run in runs
+                ],
+            )
             for start in range(0, len(runs), PUBLISH_WINDOW):
                 acks = []
                 for run in runs[start : start + PUBLISH_WINDOW]:

@@ -32,7 +32,8 @@ class Counters(msgspec.Struct, frozen=True):
 
     events: int  # sum of the partitions' last_seq: events in the log
     published: int  # sum of the relays' watermarks
-    events_total_bytes: int  # pg_total_relation_size('events'): heap, TOAST and indexes
+    # The event log's table (event_batches): all of it, then heap and TOAST, then indexes.
+    events_total_bytes: int
     events_heap_bytes: int
     events_index_bytes: int
     snapshots_total_bytes: int
@@ -111,9 +112,9 @@ async def _postgres_counters(database_url: str) -> dict[str, object]:
         row = await connection.fetchrow(
             "SELECT (SELECT coalesce(sum(last_seq), 0)::bigint FROM partition_leases) AS events,"
             " (SELECT coalesce(sum(published_seq), 0)::bigint FROM outbox_watermarks) AS published,"
-            " pg_total_relation_size('events') AS events_total_bytes,"
-            " pg_relation_size('events') AS events_heap_bytes,"
-            " pg_indexes_size('events') AS events_index_bytes,"
+            " pg_total_relation_size('event_batches') AS events_total_bytes,"
+            " pg_table_size('event_batches') AS events_heap_bytes,"
+            " pg_indexes_size('event_batches') AS events_index_bytes,"
             " pg_total_relation_size('snapshots') AS snapshots_total_bytes,"
             " pg_database_size(current_database()) AS database_bytes,"
             " pg_current_wal_lsn()::text AS wal_lsn"

@@ -565,10 +565,10 @@ def table(report: FootprintReport) -> str:
         lines.append(f"{'':44}" + "".join(f"{g.variant:>24}" for g in report.growth))
         rows: list[tuple[str, str, str]] = [
             ("pairs (errors)", "pairs", ""),
-            ("events table + indexes, bytes/event", "events_total_bytes", "event"),
-            ("  heap, bytes/event", "events_heap_bytes", "event"),
+            ("event log + indexes, bytes/event", "events_total_bytes", "event"),
+            ("  heap and TOAST, bytes/event", "events_heap_bytes", "event"),
             ("  indexes, bytes/event", "events_index_bytes", "event"),
-            ("events table + indexes, bytes/pair", "events_total_bytes", "pair"),
+            ("event log + indexes, bytes/pair", "events_total_bytes", "pair"),
             ("snapshots table growth, bytes/pair", "snapshots_total_bytes", "pair"),
             ("database growth, bytes/pair", "database_bytes", "pair"),
             ("WAL, bytes/pair", "wal_bytes", "pair"),

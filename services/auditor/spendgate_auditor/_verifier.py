@@ -1,13 +1,13 @@
 """Checking one partition's audit chain against its event log. Pure: no I/O.
 
-The shell walks the ``events``, ``audit_chain`` and ``audit_checkpoints`` rows of a
-partition together, in sequence order, and feeds each seq present in any of them to
-:meth:`PartitionVerifier.observe`, then calls :meth:`PartitionVerifier.finish` with the
-partition's head row. The verifier recomputes the chain from the events' bodies alone,
-compares it with the stored links and with every signed checkpoint (whose signature it
-checks with the trusted public keys), and reports the first problem, or how far the chain
-is verified and signed and how many events the auditor has not chained yet (lag, which is
-not a failure).
+The shell walks the events (split out of ``event_batches``), ``audit_chain`` and
+``audit_checkpoints`` rows of a partition together, in sequence order, and feeds each seq
+present in any of them to :meth:`PartitionVerifier.observe`, then calls
+:meth:`PartitionVerifier.finish` with the partition's head row. The verifier recomputes
+the chain from the events' bodies alone, compares it with the stored links and with every
+signed checkpoint (whose signature it checks with the trusted public keys), and reports
+the first problem, or how far the chain is verified and signed and how many events the
+auditor has not chained yet (lag, which is not a failure).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from spendgate_auditor._signing import verify_signature
 class ProblemKind(enum.StrEnum):
     """Stable names of what verification can find wrong (documented in docs/audit.md)."""
 
+    # A row of the events log's batches does not split into one event per seq of its
+    # range, or overlaps the row before it: the log was edited outside the ledger.
+    EVENT_BATCH_MALFORMED = "event_batch_malformed"
     # The events log has no row for a seq below its last one, and the chain has none either.
     EVENT_GAP = "event_gap"
     # The chain covers a seq the events log no longer has, with events after it.
@@ -334,7 +337,8 @@ class PartitionVerifier:
             )
 
     def fail_with(self, problem: Problem) -> None:
-        """Record a problem found outside the walk (the start checkpoint's signature)."""
+        """Record a problem found outside the walk (the start checkpoint's signature, a
+        malformed batch row of the events log)."""
         if self._problem is None:
             self._problem = problem
 

@@ -1,6 +1,6 @@
 """Verification: recompute every partition's chain from the ledger's event log.
 
-:func:`verify` reads ``events``, ``audit_chain`` and ``audit_checkpoints`` in one
+:func:`verify` reads ``event_batches``, ``audit_chain`` and ``audit_checkpoints`` in one
 read-only, repeatable-read transaction (one consistent snapshot while the ledger and the
 auditor keep writing), streaming them in ``(partition, seq)`` order through server-side
 cursors, so memory stays bounded by one page per table whatever the size of the log.
@@ -44,6 +44,7 @@ from spendgate_auditor._verifier import (
     check_signature,
 )
 from spendgate_common.errors import StoreUnavailableError
+from spendgate_common.event_batches import MalformedBatchError, split_batch
 from spendgate_common.pg import translate_errors
 
 if TYPE_CHECKING:
@@ -62,6 +63,9 @@ __all__ = [
 
 # Rows a cursor fetches per round trip (per table).
 VERIFY_PAGE_ROWS = 5_000
+# Event batch rows a cursor fetches per round trip (a batch holds up to a few thousand
+# events: a page stays within tens of megabytes).
+VERIFY_PAGE_BATCHES = 64
 CONNECT_TIMEOUT = timedelta(seconds=10)
 # Bound of one round trip (one page), not of the whole verification.
 STATEMENT_TIMEOUT = timedelta(seconds=60)
@@ -195,7 +199,8 @@ async def _verify_snapshot(
     keys: TrustedKeys,
 ) -> VerifyReport:
     starts = {} if from_seq is None else await _starts(connection, partition, from_seq, keys)
-    where, arguments = _where(partition, starts)
+    where, arguments = _where(partition, starts, "seq")
+    batches_where, _ = _where(partition, starts, "last_seq")
     heads = {
         row["partition"]: HeadRow(row["seq"], bytes(row["link"]))
         for row in await connection.fetch(
@@ -204,7 +209,7 @@ async def _verify_snapshot(
         )
     }
     tables = [
-        _rows(connection, "events", "body", where, arguments),
+        _events(connection, batches_where, arguments, starts),
         _rows(connection, "audit_chain", "link", where, arguments),
         _checkpoint_rows(connection, where, arguments),
     ]
@@ -218,7 +223,12 @@ async def _verify_snapshot(
                 reports.append(verifier.finish(heads.pop(verifier.partition, None)))
             verifier = _verifier(key[0], starts, keys)
         at_key = [row[2] if row is not None and row[:2] == key else None for row in current]
-        verifier.observe(key[1], at_key[0], at_key[1], at_key[2])
+        body = at_key[0]
+        if isinstance(body, MalformedBatchError):
+            verifier.fail_with(_malformed(key[1], body))
+            body = None
+        if body is not None or at_key[1] is not None or at_key[2] is not None:
+            verifier.observe(key[1], body, at_key[1], at_key[2])
         for index, value in enumerate(at_key):
             if value is not None:
                 current[index] = await anext(tables[index], None)
@@ -241,13 +251,16 @@ def _verifier(partition: int, starts: Mapping[int, _Start], keys: TrustedKeys) -
     return verifier
 
 
-def _where(partition: int | None, starts: Mapping[int, _Start]) -> tuple[str, tuple[Any, ...]]:
-    """What follows ``FROM <table> AS t`` to select the rows to verify, and its arguments."""
+def _where(
+    partition: int | None, starts: Mapping[int, _Start], seq_column: str
+) -> tuple[str, tuple[Any, ...]]:
+    """What follows ``FROM <table> AS t`` to select the rows to verify, and its arguments:
+    the rows whose ``seq_column`` is at or after their partition's start."""
     if starts:
         ordered = sorted(starts)
         clause = (
             " LEFT JOIN unnest($1::int[], $2::bigint[]) AS s(partition, seq)"
-            " ON t.partition = s.partition WHERE t.seq >= coalesce(s.seq, 1)"
+            f" ON t.partition = s.partition WHERE t.{seq_column} >= coalesce(s.seq, 1)"
         )
         arguments: tuple[Any, ...] = (ordered, [starts[p].seq for p in ordered])
         if partition is None:
@@ -256,6 +269,54 @@ def _where(partition: int | None, starts: Mapping[int, _Start]) -> tuple[str, tu
     if partition is None:
         return "", ()
     return " WHERE t.partition = $1", (partition,)
+
+
+async def _events(
+    connection: asyncpg.Connection[Any],
+    where: str,
+    arguments: tuple[Any, ...],
+    starts: Mapping[int, _Start],
+) -> AsyncIterator[tuple[int, int, bytes | MalformedBatchError]]:
+    """``(partition, seq, body)`` of every event from its start on, in key order, read
+    from the ``event_batches`` rows in key order and split (no sort of the events).
+
+    A row that does not split into its seqs, or that overlaps the row before it (the
+    log was edited), comes as one :class:`MalformedBatchError` instead of its events, at
+    the lowest seq not yet given, so that seqs keep increasing.
+    """
+    query = (
+        "SELECT t.partition, t.first_seq, t.last_seq, t.types, t.bodies"  # noqa: S608 (constants)
+        f" FROM event_batches AS t{where} ORDER BY t.partition, t.first_seq"
+    )
+    partition, next_seq, last_seq = None, 1, 0
+    async for row in connection.cursor(query, *arguments, prefetch=VERIFY_PAGE_BATCHES):
+        if row[0] != partition:
+            partition, last_seq = row[0], 0
+            next_seq = starts[partition].seq if partition in starts else 1
+        try:
+            if row[1] <= last_seq:
+                raise MalformedBatchError(
+                    row[0], row[1], f"overlaps the batch before it, which ends at seq {last_seq}"
+                )
+            events = split_batch(row[0], row[1], row[2], row[3], bytes(row[4]))
+        except MalformedBatchError as error:
+            yield row[0], next_seq, error
+            next_seq = max(next_seq + 1, row[2] + 1)
+        else:
+            for seq, _, body in events:
+                if seq >= next_seq:
+                    yield row[0], seq, body
+            next_seq = max(next_seq, row[2] + 1)
+        last_seq = max(last_seq, row[2])
+
+
+def _malformed(seq: int, error: MalformedBatchError) -> Problem:
+    return Problem(
+        ProblemKind.EVENT_BATCH_MALFORMED,
+        seq,
+        f"the events log's batch row at seq {error.first_seq} {error.reason}:"
+        " the events log was edited",
+    )
 
 
 async def _rows(

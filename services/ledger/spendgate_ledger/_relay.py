@@ -7,8 +7,8 @@ together, cut into runs of at most 128 events (about 64 KiB), each message with
 ``Nats-Msg-Id = <partition>:<first seq>-<last seq>`` (so JetStream drops a republish after
 a crash). It waits for the acknowledgements and advances the partition's
 ``published_seq`` watermark in Postgres. What is not in its memory buffer (after a
-restart, or after the buffer overflowed) it reads back from the log, where the rows one
-append wrote share a transaction id, so it cuts the same messages again.
+restart, or after the buffer overflowed) it reads back from the log, which keeps one row
+per append, so it cuts the same messages again.
 
 Publishing is the relay's hot path, on the same core as the partition loops. One message
 per event cost a third of the ledger's CPU and most of the NATS server's on a hot
@@ -212,12 +212,8 @@ class EventRelay:
                 window.append(run)
                 next_seq = run[-1].seq + 1
             return window
-        batches, complete = await self._store.read_batches(self.partition, self.published_seq)
+        batches = await self._store.read_batches(self.partition, self.published_seq)
         runs = [run for rows in batches for run in split_runs(rows, bytes_max=self._run_bytes_max)]
-        if not complete:
-            # The last batch may go on past the page: its last run may be cut short.
-            assert len(runs) > 1, "a page of the log holds many runs"
-            runs.pop()
         return runs[: self._inflight_max]
 
     async def _publish_next_window(self) -> None:

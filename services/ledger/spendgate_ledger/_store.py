@@ -15,34 +15,39 @@ import asyncpg
 import msgspec
 
 from spendgate_common.errors import FencedError
+from spendgate_common.event_batches import join_bodies, join_types, split_batch
 from spendgate_common.pg import translate_errors
 
-# Rows fetched per round trip while replaying a partition's log.
-REPLAY_FETCH_ROWS = 5_000
+# Events fetched per round trip while replaying a partition's log: a page is the batches
+# that start within this many seqs (so it holds at most this plus one batch's events).
+REPLAY_FETCH_EVENTS = 5_000
 
-# A batch append: the fenced lease update and the events, in one statement (see append).
-# The batch's bodies and types travel as two newline-joined texts, split by the server:
-# asyncpg encodes an array parameter element by element with abstract-base-class checks
-# (2.7 us of the ledger's CPU per event for seq, type and body arrays; 0.35 us this way,
-# measured with 1,000-event batches). Seqs follow from the position (WITH ORDINALITY).
+# A batch append: the fenced lease update and the batch's row, in one statement (see
+# append). The row is inserted only if the update matched (FROM fenced).
 _APPEND = (
     "WITH fenced AS ("
     "   UPDATE partition_leases SET last_seq = $1"
     "   WHERE partition = $2 AND epoch = $3 AND owner = $4 AND last_seq = $5"
     "   RETURNING partition)"
-    " INSERT INTO events (partition, seq, epoch, type, body)"
-    " SELECT fenced.partition, $5 + batch.n, $3, batch.type, convert_to(batch.body, 'UTF8')"
-    " FROM fenced, unnest(string_to_array($6::text, E'\\n'), string_to_array($7::text, E'\\n'))"
-    "   WITH ORDINALITY AS batch(body, type, n)"
+    " INSERT INTO event_batches (partition, first_seq, last_seq, epoch, types, bodies)"
+    " SELECT fenced.partition, $5 + 1, $1, $3, $6, $7 FROM fenced"
 )
-# What separates the events in those texts: canonical event bytes are compact JSON, which
-# never holds a raw newline (one inside a string is escaped as \n).
-_SEPARATOR = b"\n"
+# The batches holding the events after $2 that start within $3 seqs of it, in order. The
+# subquery finds the batch holding seq $2 + 1 (a backward scan of the key), so the page
+# is an index range scan however long the log is.
+_PAGE = (
+    "SELECT first_seq, last_seq, types, bodies FROM event_batches"
+    " WHERE partition = $1 AND last_seq > $2 AND first_seq <= $2 + $3"
+    "   AND first_seq >= (SELECT coalesce(max(first_seq), 1) FROM event_batches"
+    "     WHERE partition = $1 AND first_seq <= $2 + 1)"
+    " ORDER BY first_seq"
+)
 
 
 class DatabaseEncodingError(RuntimeError):
     """The ledger's database is not UTF8 (a configuration error: create it with
-    ``ENCODING 'UTF8'``); the ledger refuses to start rather than store other bytes."""
+    ``ENCODING 'UTF8'``); the ledger refuses to start rather than have the ``events``
+    view show other bytes than it stored."""
 
     def __init__(self, encoding: str) -> None:
         super().__init__(
@@ -76,9 +81,9 @@ class LedgerStore:
     async def seed_partitions(self, partition_count: int) -> None:
         """Make sure a lease row and a watermark row exist for every partition.
 
-        Also checks the database's encoding: appends pass event bodies as UTF-8 text and
-        store ``convert_to(text, 'UTF8')``, which gives back the same bytes only in a UTF8
-        database (the canonical bytes are hashed into the audit chain).
+        Also checks the database's encoding: the ``events`` view splits a batch's bodies
+        as text and gives back ``convert_to(text, 'UTF8')``, the canonical bytes the audit
+        chain hashes, only in a UTF8 database.
         """
         async with translate_errors("seed partitions"), self._pool.acquire() as connection:
             encoding = await connection.fetchval("SHOW server_encoding")
@@ -143,27 +148,24 @@ class LedgerStore:
             )
 
     async def append(self, lease: Lease, first_seq: int, rows: Sequence[EventRow]) -> None:
-        """Append one batch atomically, fenced by the lease epoch.
+        """Append one batch atomically, fenced by the lease epoch: one ``event_batches``
+        row (:mod:`spendgate_common.event_batches`).
 
         The lease row's ``last_seq`` must equal ``first_seq - 1`` and its epoch and owner
         must be ours, else nothing is written and :class:`FencedError` is raised. The
-        ``(partition, seq)`` primary key refuses a duplicate a second time.
+        ``(partition, first_seq)`` primary key refuses a duplicate a second time.
 
         One statement, so one round trip and one implicit transaction: the lease update
-        and the insert of every row commit together or not at all, and the insert takes
-        its rows only if the update matched (``FROM fenced``). It replaced BEGIN / UPDATE
-        / COPY / COMMIT (five round trips), which took about 1.5x the time and twice the
-        client CPU for the small batches of a lightly loaded partition (0.49 vs 0.36 ms
-        and 0.21 vs 0.11 ms per one-event batch, fsync on) and was no faster for large
-        batches, where the WAL flush dominates either way.
+        and the insert commit together or not at all. It replaced BEGIN / UPDATE / COPY /
+        COMMIT (five round trips), which took about 1.5x the time and twice the client CPU
+        for the small batches of a lightly loaded partition; one row per append replaced
+        one row per event (0.59 against 0.84 ms for 88 events on an idle Postgres).
         """
         assert rows
         assert rows[0].seq == first_seq
         assert all(row.seq == first_seq + index for index, row in enumerate(rows))
         last_seq = rows[-1].seq
-        bodies = _SEPARATOR.join([row.body for row in rows])
-        # One line per event, or the server would insert other rows than these.
-        assert bodies.count(_SEPARATOR) == len(rows) - 1, "an event body holds a newline"
+        bodies = join_bodies([row.body for row in rows])
         async with translate_errors("append events"), self._pool.acquire() as connection:
             status = await connection.execute(
                 _APPEND,
@@ -172,12 +174,11 @@ class LedgerStore:
                 lease.epoch,
                 self.owner,
                 first_seq - 1,
-                bodies.decode(),
-                "\n".join([row.type for row in rows]),
+                join_types([row.type for row in rows]),
+                bodies,
             )
-        if status != f"INSERT 0 {len(rows)}":
-            # The insert took no row: the fenced update matched none (asserted below, as
-            # a partial insert cannot happen within one statement).
+        if status != "INSERT 0 1":
+            # The insert took no row: the fenced update matched none.
             assert status == "INSERT 0 0", status
             raise FencedError(lease.partition, lease.epoch)
 
@@ -185,45 +186,31 @@ class LedgerStore:
         """The partition's events after ``after_seq`` in order, a page at a time."""
         cursor_seq = after_seq
         while True:
-            rows = await self._page(partition, cursor_seq)
-            if not rows:
+            batches = await self.read_batches(partition, cursor_seq)
+            if not batches:
                 return
-            page = [EventRow(row["seq"], row["type"], bytes(row["body"])) for row in rows]
+            page = [row for batch in batches for row in batch]
             cursor_seq = page[-1].seq
             yield page
 
-    async def read_batches(
-        self, partition: int, after_seq: int
-    ) -> tuple[list[list[EventRow]], bool]:
-        """Up to ``REPLAY_FETCH_ROWS`` events after ``after_seq``, grouped by the append
-        that wrote them, and whether they reach the end of the log (if not, the last group
-        may go on beyond them).
+    async def read_batches(self, partition: int, after_seq: int) -> list[list[EventRow]]:
+        """The events after ``after_seq``, grouped by the append that wrote them (the
+        first group cut to start after ``after_seq``): the batches that start within
+        ``REPLAY_FETCH_EVENTS`` seqs of it. Empty at the end of the log.
 
-        An append is one transaction, so its rows share their ``xmin`` (Postgres keeps a
-        row's inserting transaction id, also once the row is frozen). The relay cuts its
-        messages along these groups, as it did when it published from memory.
+        The relay cuts its messages along these groups, as it did when it published
+        from memory. Raises :class:`MalformedBatchError` for a row edited outside the
+        ledger (it does not split into its seqs).
         """
-        rows = await self._page(partition, after_seq)
-        groups: list[list[EventRow]] = []
-        appended_by = None
-        for row in rows:
-            if row["appended_by"] != appended_by:
-                appended_by = row["appended_by"]
-                groups.append([])
-            groups[-1].append(EventRow(row["seq"], row["type"], bytes(row["body"])))
-        return groups, len(rows) < REPLAY_FETCH_ROWS
-
-    async def _page(self, partition: int, after_seq: int) -> list[asyncpg.Record]:
-        """Up to ``REPLAY_FETCH_ROWS`` events after ``after_seq``, in order, with the id of
-        the transaction that appended each (``appended_by``)."""
         async with translate_errors("read events"), self._pool.acquire() as connection:
-            return await connection.fetch(
-                "SELECT seq, type, body, xmin::text AS appended_by FROM events"
-                " WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                partition,
-                after_seq,
-                REPLAY_FETCH_ROWS,
+            rows = await connection.fetch(_PAGE, partition, after_seq, REPLAY_FETCH_EVENTS)
+        groups: list[list[EventRow]] = []
+        for row in rows:
+            events = split_batch(
+                partition, row["first_seq"], row["last_seq"], row["types"], row["bodies"]
             )
+            groups.append([EventRow(*event) for event in events if event[0] > after_seq])
+        return groups
 
     async def published_seq(self, partition: int) -> int:
         async with translate_errors("read watermark"), self._pool.acquire() as connection:

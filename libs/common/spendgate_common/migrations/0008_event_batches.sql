@@ -1,0 +1,46 @@
+-- The event log as one row per append (spendgate_common.event_batches): the events
+-- first_seq..last_seq of one partition, their type tags and their canonical bytes each
+-- joined by newlines. One heap tuple, index entry and WAL record per append instead of
+-- one per event (docs/decisions.md).
+CREATE TABLE event_batches (
+    partition   integer     NOT NULL,
+    first_seq   bigint      NOT NULL CHECK (first_seq > 0),
+    last_seq    bigint      NOT NULL,
+    epoch       bigint      NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    types       text        NOT NULL,
+    bodies      bytea       NOT NULL,
+    PRIMARY KEY (partition, first_seq),
+    CHECK (last_seq >= first_seq)
+);
+-- Stored out of line without compression: pglz made an 88-event append slower than 88
+-- rows (0.91 against 0.84 ms); uncompressed it takes 0.59 ms.
+ALTER TABLE event_batches ALTER COLUMN bodies SET STORAGE EXTERNAL;
+
+-- The rows already written: the rows one append wrote share their inserting transaction
+-- (xmin, kept once frozen too) and are consecutive, so they become one batch again, and
+-- the relay cuts the same messages (with the same message ids) from them as before.
+INSERT INTO event_batches (partition, first_seq, last_seq, epoch, recorded_at, types, bodies)
+SELECT partition, min(seq), max(seq), min(epoch), min(recorded_at),
+       string_agg(type, E'\n' ORDER BY seq), string_agg(body, '\x0a'::bytea ORDER BY seq)
+FROM (
+    SELECT *, sum(starts) OVER (PARTITION BY partition ORDER BY seq) AS batch
+    FROM (
+        SELECT partition, seq, epoch, recorded_at, type, body,
+               CASE WHEN xmin::text = lag(xmin::text) OVER w
+                     AND seq = lag(seq) OVER w + 1 THEN 0 ELSE 1 END AS starts
+        FROM events
+        WINDOW w AS (PARTITION BY partition ORDER BY seq)
+    ) AS marked
+) AS numbered
+GROUP BY partition, batch;
+
+DROP TABLE events;
+
+-- One row per event, as the table was, for operators' and finance's queries.
+CREATE VIEW events AS
+SELECT b.partition, b.first_seq + e.n - 1 AS seq, b.epoch, b.recorded_at, e.type,
+       convert_to(e.body, 'UTF8') AS body
+FROM event_batches AS b,
+     unnest(string_to_array(convert_from(b.bodies, 'UTF8'), E'\n'),
+            string_to_array(b.types, E'\n')) WITH ORDINALITY AS e(body, type, n);

@@ -1,0 +1,189 @@
+"""The event log as one row per append: splitting, the ledger's reads from any seq, the
+``events`` view, and the migration of a log written one row per event."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from spendgate_common.event_batches import (
+    MalformedBatchError,
+    batch_row,
+    join_bodies,
+    split_batch,
+)
+from spendgate_common.migrate import apply_migrations, load_migrations
+from spendgate_ledger import _store
+from spendgate_ledger._store import EventRow, LedgerStore
+
+# Sizes of the appends the store test writes: single events, a batch longer than a relay
+# message (128 events), and batches longer than a replay page in the paged variant.
+APPEND_SIZES = (1, 5, 130, 1, 300, 2, 64)
+# The migration the tests below are about (0008_event_batches.sql).
+EVENT_BATCHES_MIGRATION = 8
+
+
+def body_of(partition: int, seq: int) -> bytes:
+    # Compact JSON as canonical bytes are, with an escaped newline and non-ASCII text.
+    return f'{{"p":{partition},"seq":{seq},"note":"a\\nb é €"}}'.encode()
+
+
+# ----------------------------------------------------------------------------- pure
+
+
+def test_a_batch_splits_back_into_its_events() -> None:
+    bodies = [body_of(0, seq) for seq in range(7, 10)]
+    row = batch_row(0, 1, 7, ["A", "B", "C"], bodies)
+    assert row[:4] == (0, 7, 9, 1)
+    assert split_batch(0, 7, 9, row[4], row[5]) == [
+        (7, "A", bodies[0]),
+        (8, "B", bodies[1]),
+        (9, "C", bodies[2]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("last_seq", "types", "bodies"),
+    [
+        (9, "A\nB", b"{}\n{}\n{}"),  # one type short
+        (9, "A\nB\nC", b"{}\n{}"),  # one body short
+        (8, "A\nB\nC", b"{}\n{}\n{}"),  # the range one short
+        (6, "A", b"{}"),  # a range that ends before it starts
+    ],
+)
+def test_a_batch_that_does_not_fit_its_range_is_refused(
+    last_seq: int, types: str, bodies: bytes
+) -> None:
+    with pytest.raises(MalformedBatchError, match="the event batch at seq 7 covers seq 7"):
+        split_batch(3, 7, last_seq, types, bodies)
+
+
+def test_a_body_holding_the_separator_is_never_joined() -> None:
+    with pytest.raises(AssertionError, match="newline"):
+        join_bodies([b"{}", b"{\n}"])
+
+
+# ----------------------------------------------------------------------- with Postgres
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as created:
+        async with created.acquire() as connection:
+            await apply_migrations(connection)
+        yield created
+
+
+async def test_the_store_reads_the_log_from_any_seq(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LedgerStore(pool, "owner-a")
+    await store.seed_partitions(2)
+    leases = {lease.partition: lease for lease in await store.claim_free(timedelta(seconds=30), 2)}
+    appended: list[list[EventRow]] = []
+    seq = 1
+    for size in APPEND_SIZES:
+        rows = [EventRow(s, f"T{s % 3}", body_of(1, s)) for s in range(seq, seq + size)]
+        await store.append(leases[1], seq, rows)
+        leases[1] = _store.Lease(1, leases[1].epoch, rows[-1].seq)
+        appended.append(rows)
+        seq += size
+    everything = [row for rows in appended for row in rows]
+    last_seq = everything[-1].seq
+
+    # Pages of 100 events: a batch longer than a page comes whole.
+    for fetch_events in (_store.REPLAY_FETCH_EVENTS, 100):
+        monkeypatch.setattr(_store, "REPLAY_FETCH_EVENTS", fetch_events)
+        for after_seq in range(last_seq + 1):
+            replayed = [row async for page in store.read_events(1, after_seq) for row in page]
+            assert replayed == everything[after_seq:], (fetch_events, after_seq)
+            groups = await store.read_batches(1, after_seq)
+            expected = [
+                [row for row in rows if row.seq > after_seq]
+                for rows in appended
+                if rows[-1].seq > after_seq and rows[0].seq <= after_seq + fetch_events
+            ]
+            assert groups == expected, (fetch_events, after_seq)
+    assert await store.read_batches(0, 0) == []
+
+    async with pool.acquire() as connection:
+        view = await connection.fetch(
+            "SELECT partition, seq, type, body FROM events ORDER BY partition, seq"
+        )
+        stored = await connection.fetchval("SELECT count(*) FROM event_batches")
+    assert [(r["partition"], r["seq"], r["type"], bytes(r["body"])) for r in view] == [
+        (1, row.seq, row.type, row.body) for row in everything
+    ]
+    assert stored == len(APPEND_SIZES)
+
+
+async def test_the_migration_makes_one_batch_of_each_append_already_in_the_log(
+    database_url: str,
+) -> None:
+    """A log written one row per event before the migration: the rows of one transaction
+    that are consecutive in one partition become one batch, and the ``events`` view shows
+    exactly the rows the table held."""
+    connection: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in load_migrations()[: EVENT_BATCHES_MIGRATION - 1]:
+            await connection.execute(migration.sql)
+            await connection.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+        rng = random.Random(8)
+        # Transactions as (partition, seqs) parts: one spans two partitions, as an append
+        # never did but a hand-made log could.
+        transactions = [
+            [(0, range(1, 4))],
+            [(0, range(4, 6)), (1, range(1, 3))],
+            [(0, range(6, 7))],
+            [(1, range(3, 40))],
+            [(0, range(7, 9))],
+        ]
+        for parts in transactions:
+            async with connection.transaction():
+                for partition, seqs in parts:
+                    await connection.executemany(
+                        "INSERT INTO events (partition, seq, epoch, type, body)"
+                        " VALUES ($1, $2, $3, $4, $5)",
+                        [
+                            (partition, s, 2, rng.choice(["A", "B"]), body_of(partition, s))
+                            for s in seqs
+                        ],
+                    )
+        before = await connection.fetch(
+            "SELECT partition, seq, epoch, recorded_at, type, body FROM events"
+            " ORDER BY partition, seq"
+        )
+
+        assert await apply_migrations(connection) == [EVENT_BATCHES_MIGRATION]
+
+        after = await connection.fetch(
+            "SELECT partition, seq, epoch, recorded_at, type, body FROM events"
+            " ORDER BY partition, seq"
+        )
+        batches = await connection.fetch(
+            "SELECT partition, first_seq, last_seq FROM event_batches ORDER BY partition, first_seq"
+        )
+    finally:
+        await connection.close()
+    assert [tuple(row) for row in after] == [tuple(row) for row in before]
+    assert [tuple(row) for row in batches] == [
+        (0, 1, 3),
+        (0, 4, 5),
+        (0, 6, 6),
+        (0, 7, 8),
+        (1, 1, 2),
+        (1, 3, 39),
+    ]
