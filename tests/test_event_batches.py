@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -122,6 +123,21 @@ async def test_the_store_reads_the_log_from_any_seq(
     assert stored == len(APPEND_SIZES)
 
 
+async def migrate_to_before_event_batches(connection: asyncpg.Connection[Any]) -> None:
+    """Apply the migrations before 0008 (as ``apply_migrations`` records them)."""
+    await connection.execute(
+        "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    for migration in load_migrations()[: EVENT_BATCHES_MIGRATION - 1]:
+        await connection.execute(migration.sql)
+        await connection.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            migration.version,
+            migration.name,
+        )
+
+
 async def test_the_migration_makes_one_batch_of_each_append_already_in_the_log(
     database_url: str,
 ) -> None:
@@ -130,17 +146,7 @@ async def test_the_migration_makes_one_batch_of_each_append_already_in_the_log(
     exactly the rows the table held."""
     connection: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
     try:
-        await connection.execute(
-            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for migration in load_migrations()[: EVENT_BATCHES_MIGRATION - 1]:
-            await connection.execute(migration.sql)
-            await connection.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
+        await migrate_to_before_event_batches(connection)
         rng = random.Random(8)
         # Transactions as (partition, seqs) parts: one spans two partitions, as an append
         # never did but a hand-made log could.
@@ -187,3 +193,104 @@ async def test_the_migration_makes_one_batch_of_each_append_already_in_the_log(
         (1, 1, 2),
         (1, 3, 39),
     ]
+
+
+# What a ledger of the release before migration 0008 sends (its _store.py), as a replica
+# of that release still does during a rolling upgrade (docs/deploy.md).
+PREVIOUS_RELEASE_APPEND = (
+    "WITH fenced AS ("
+    "   UPDATE partition_leases SET last_seq = $1"
+    "   WHERE partition = $2 AND epoch = $3 AND owner = $4 AND last_seq = $5"
+    "   RETURNING partition)"
+    " INSERT INTO events (partition, seq, epoch, type, body)"
+    " SELECT fenced.partition, $5 + batch.n, $3, batch.type, convert_to(batch.body, 'UTF8')"
+    " FROM fenced, unnest(string_to_array($6::text, E'\\n'), string_to_array($7::text, E'\\n'))"
+    "   WITH ORDINALITY AS batch(body, type, n)"
+)
+PREVIOUS_RELEASE_PAGE = (
+    "SELECT seq, type, body, xmin::text AS appended_by FROM events"
+    " WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+)
+
+
+async def test_a_ledger_of_the_previous_release_keeps_working_during_an_upgrade(
+    pool: asyncpg.Pool,
+) -> None:
+    """Old and new replicas side by side: the old one's fenced append through the view
+    lands (as batches of one) and is fenced like before, its reads group each append by
+    xmin as it cuts relay messages, and the new replica reads everything back."""
+    store = LedgerStore(pool, "owner-a")
+    await store.seed_partitions(1)
+    [lease] = await store.claim_free(timedelta(seconds=30), 1)
+    events = [EventRow(seq, f"T{seq}", body_of(0, seq)) for seq in range(1, 9)]
+    await store.append(lease, 1, events[0:3])
+
+    async def previous_release_append(rows: list[EventRow], epoch: int) -> str:
+        async with pool.acquire() as connection:
+            status: str = await connection.execute(
+                PREVIOUS_RELEASE_APPEND,
+                rows[-1].seq,
+                0,
+                epoch,
+                "owner-a",
+                rows[0].seq - 1,
+                b"\n".join(row.body for row in rows).decode(),
+                "\n".join(row.type for row in rows),
+            )
+        return status
+
+    assert await previous_release_append(events[3:6], lease.epoch + 1) == "INSERT 0 0"
+    assert await previous_release_append(events[3:6], lease.epoch) == "INSERT 0 3"
+    await store.append(_store.Lease(0, lease.epoch, 6), 7, events[6:8])
+    async with pool.acquire() as connection:
+        # An event inserted by hand that would split into two.
+        with pytest.raises(asyncpg.RaiseError, match="holds a newline"):
+            await connection.execute(
+                "INSERT INTO events (partition, seq, epoch, type, body) VALUES (0, 9, 1, 'A', $1)",
+                b'{"a":\n1}',
+            )
+
+    assert [row async for page in store.read_events(0, 0) for row in page] == events
+    async with pool.acquire() as connection:
+        rows = await connection.fetch(PREVIOUS_RELEASE_PAGE, 0, 0, 5_000)
+    assert [(r["seq"], r["type"], bytes(r["body"])) for r in rows] == [
+        (e.seq, e.type, e.body) for e in events
+    ]
+    appends = [
+        [r["seq"] for r in rows if r["appended_by"] == by]
+        for by in dict.fromkeys(r["appended_by"] for r in rows)
+    ]
+    assert appends == [[1, 2, 3], [4, 5, 6], [7, 8]]
+
+
+async def test_an_append_committing_while_the_migration_runs_is_not_lost(
+    database_url: str,
+) -> None:
+    """A replica of the previous release appends (uncommitted) when the migration starts:
+    the migration waits for it and moves its event; the event is not dropped with the
+    old table."""
+    appender: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
+    migrator: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
+    try:
+        await migrate_to_before_event_batches(migrator)
+        append = appender.transaction()
+        await append.start()
+        await appender.execute(
+            "INSERT INTO events (partition, seq, epoch, type, body) VALUES (0, 1, 1, 'A', $1)",
+            body_of(0, 1),
+        )
+        migrating = asyncio.create_task(apply_migrations(migrator))
+        # Until the migration is seen waiting for the append's lock.
+        while not await appender.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+            migrator.get_server_pid(),
+        ):
+            assert not migrating.done(), migrating
+            await asyncio.sleep(0.01)
+        await append.commit()
+        assert await migrating == [EVENT_BATCHES_MIGRATION]
+        rows = await appender.fetch("SELECT partition, seq, body FROM events")
+    finally:
+        await appender.close()
+        await migrator.close()
+    assert [(r["partition"], r["seq"], bytes(r["body"])) for r in rows] == [(0, 1, body_of(0, 1))]
