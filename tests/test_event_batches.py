@@ -148,23 +148,25 @@ async def test_the_migration_makes_one_batch_of_each_append_already_in_the_log(
     try:
         await migrate_to_before_event_batches(connection)
         rng = random.Random(8)
-        # Transactions as (partition, seqs) parts: one spans two partitions, as an append
-        # never did but a hand-made log could.
+        # Transactions as (partition, seqs, epoch) parts: one spans two partitions, as an
+        # append never did but a hand-made log could.
         transactions = [
-            [(0, range(1, 4))],
-            [(0, range(4, 6)), (1, range(1, 3))],
-            [(0, range(6, 7))],
-            [(1, range(3, 40))],
-            [(0, range(7, 9))],
+            [(0, range(1, 4), 2)],
+            [(0, range(4, 6), 2), (1, range(1, 3), 2)],
+            [(0, range(6, 7), 2)],
+            [(1, range(3, 40), 2)],
+            [(0, range(7, 9), 2)],
+            # Longer than a batch may grow: a log restored in one transaction, epochs too.
+            [(2, range(1, 5_001), 2), (2, range(5_001, 5_003), 3)],
         ]
         for parts in transactions:
             async with connection.transaction():
-                for partition, seqs in parts:
+                for partition, seqs, epoch in parts:
                     await connection.executemany(
                         "INSERT INTO events (partition, seq, epoch, type, body)"
                         " VALUES ($1, $2, $3, $4, $5)",
                         [
-                            (partition, s, 2, rng.choice(["A", "B"]), body_of(partition, s))
+                            (partition, s, epoch, rng.choice(["A", "B"]), body_of(partition, s))
                             for s in seqs
                         ],
                     )
@@ -192,6 +194,9 @@ async def test_the_migration_makes_one_batch_of_each_append_already_in_the_log(
         (0, 7, 8),
         (1, 1, 2),
         (1, 3, 39),
+        (2, 1, 4_096),
+        (2, 4_097, 5_000),
+        (2, 5_001, 5_002),
     ]
 
 

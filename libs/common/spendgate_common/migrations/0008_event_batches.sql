@@ -23,22 +23,28 @@ ALTER TABLE event_batches ALTER COLUMN bodies SET STORAGE EXTERNAL;
 LOCK TABLE events IN EXCLUSIVE MODE;
 
 -- The rows already written: the rows one append wrote share their inserting transaction
--- (xmin, kept once frozen too) and are consecutive, so they become one batch again, and
--- the relay cuts the same messages (with the same message ids) from them as before.
+-- (xmin, kept once frozen too), epoch and consecutive seqs, so they become one batch
+-- again, and the relay cuts the same messages (with the same message ids) from them as
+-- before. A run longer than 4,096 events (a log restored in one transaction shares one
+-- xmin) is cut into batches of 4,096, so that no row grows with the log.
 INSERT INTO event_batches (partition, first_seq, last_seq, epoch, recorded_at, types, bodies)
 SELECT partition, min(seq), max(seq), min(epoch), min(recorded_at),
        string_agg(type, E'\n' ORDER BY seq), string_agg(body, '\x0a'::bytea ORDER BY seq)
 FROM (
-    SELECT *, sum(starts) OVER (PARTITION BY partition ORDER BY seq) AS batch
+    SELECT *, (row_number() OVER (PARTITION BY partition, run ORDER BY seq) - 1) / 4096 AS part
     FROM (
-        SELECT partition, seq, epoch, recorded_at, type, body,
-               CASE WHEN xmin::text = lag(xmin::text) OVER w
-                     AND seq = lag(seq) OVER w + 1 THEN 0 ELSE 1 END AS starts
-        FROM events
-        WINDOW w AS (PARTITION BY partition ORDER BY seq)
-    ) AS marked
-) AS numbered
-GROUP BY partition, batch;
+        SELECT *, sum(starts) OVER (PARTITION BY partition ORDER BY seq) AS run
+        FROM (
+            SELECT partition, seq, epoch, recorded_at, type, body,
+                   CASE WHEN xmin::text = lag(xmin::text) OVER w
+                         AND epoch = lag(epoch) OVER w
+                         AND seq = lag(seq) OVER w + 1 THEN 0 ELSE 1 END AS starts
+            FROM events
+            WINDOW w AS (PARTITION BY partition ORDER BY seq)
+        ) AS marked
+    ) AS runs
+) AS parts
+GROUP BY partition, run, part;
 
 DROP TABLE events;
 
