@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 import zlib
@@ -353,10 +354,11 @@ async def test_recovery_after_kill_uses_a_snapshot_and_equals_the_state_before(
     assert getattr(replay[0], "replayed", False) is True
 
 
-async def test_a_partition_snapshots_at_most_once_per_spacing(
+async def test_a_partition_snapshots_at_most_once_per_spacing_and_when_idle_after_it(
     database_url: str, nats_url: str, service_factory: ServiceFactory
 ) -> None:
-    # A snapshot would be due after every batch; the spacing lets one through.
+    # A snapshot would be due after every batch; the spacing lets one through. Once the
+    # spacing has passed, the idle partition takes the one it held back.
     env = ledger_env(database_url, nats_url, SPENDGATE_LEDGER_SNAPSHOT_EVERY_EVENTS="1")
     ledger = service_factory("ledger", env)
     key = new_vault_key(TENANT)
@@ -376,3 +378,17 @@ async def test_a_partition_snapshots_at_most_once_per_spacing(
         await asyncio.sleep(0.2)
     assert SNAPSHOT_SPACING_MIN.total_seconds() > 2
     assert ledger.logs().count(stored) == 1, ledger.logs()
+    deadline = time.monotonic() + SNAPSHOT_SPACING_MIN.total_seconds() + 10
+    while ledger.logs().count(stored) < 2:
+        assert time.monotonic() < deadline, ledger.logs()
+        await asyncio.sleep(0.1)
+    seqs = [int(seq) for seq in re.findall(rf"{stored} (\d+) stored", ledger.logs())]
+    connection = await asyncpg.connect(database_url)
+    try:
+        last_seq = await connection.fetchval(
+            "SELECT last_seq FROM partition_leases WHERE partition = $1", PARTITION
+        )
+    finally:
+        await connection.close()
+    # The idle partition's snapshot holds its whole log: nothing to replay.
+    assert seqs[0] < seqs[1] == last_seq, (seqs, last_seq)

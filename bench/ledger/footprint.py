@@ -66,8 +66,6 @@ JOB_LEAD_S = 1.5
 # Bound of the wait for the relay to publish every event, and for a snapshot to appear.
 DRAIN_DEADLINE_S = 300.0
 SNAPSHOT_DEADLINE_S = 120.0
-# While waiting for a snapshot, one more pair this often (see Footprint.wait_snapshot).
-SNAPSHOT_NUDGE_S = 2.0
 # Most open-loop pairs waiting per worker before new starts are dropped (and counted).
 OPEN_LOOP_OUTSTANDING_MAX = 20_000
 # A worker's result may take this long after its job ended (open loop), or this long
@@ -368,17 +366,9 @@ class Footprint:
         )
         return growth
 
-    def wait_snapshot(self, partition: int, above_seq: int, key: KeySpec) -> Snapshot:
-        """The newest snapshot of ``partition`` (``key``'s) once one above ``above_seq``
-        is stored.
-
-        A partition snapshots only after an append, and at most once per the ledger's
-        ``SNAPSHOT_SPACING_MIN`` (10 s): when a stage's pairs end before that has passed,
-        no snapshot comes until the next append. So one more pair goes to ``key`` every
-        ``SNAPSHOT_NUDGE_S`` while none is there (a few events more in the tail).
-        """
+    def wait_snapshot(self, partition: int, above_seq: int) -> Snapshot:
+        """The newest snapshot of ``partition`` once one above ``above_seq`` is stored."""
         give_up_at = time.monotonic() + SNAPSHOT_DEADLINE_S
-        nudge_at = time.monotonic() + SNAPSHOT_NUDGE_S
         while True:
             found = asyncio.run(_snapshots(self, partition))
             newer = [snapshot for snapshot in found if snapshot.seq > above_seq]
@@ -386,9 +376,6 @@ class Footprint:
                 return newer[-1]
             if time.monotonic() > give_up_at:
                 raise TimeoutError(f"partition {partition}: no snapshot after seq {above_seq}")
-            if time.monotonic() > nudge_at:
-                self.run_pairs([key], 1, idempotency_keys=False)
-                nudge_at = time.monotonic() + SNAPSHOT_NUDGE_S
             time.sleep(0.25)
 
     def replay(self, variant: str, key: KeySpec, *, idempotency_keys: bool) -> Replay:
@@ -401,7 +388,7 @@ class Footprint:
         self.progress(f"replay ({variant}): {stage_pairs:,} pairs into partition {partition}")
         self.run_pairs([key], stage_pairs, idempotency_keys=idempotency_keys)
         self.wait_published()
-        first = self.wait_snapshot(partition, 0, key)
+        first = self.wait_snapshot(partition, 0)
 
         async def stage_one() -> list[Timing]:
             replayer = await Replayer.connect(*replayer_args, args.snapshot_every)
@@ -422,7 +409,7 @@ class Footprint:
             self.progress(f"replay ({variant}): {_timing_line(timing)}")
         self.run_pairs([key], stage_pairs, idempotency_keys=idempotency_keys)
         self.wait_published()
-        self.wait_snapshot(partition, first.seq, key)
+        self.wait_snapshot(partition, first.seq)
 
         async def stage_two() -> tuple[Timing, StateSize, list[Snapshot]]:
             replayer = await Replayer.connect(*replayer_args, args.snapshot_every)

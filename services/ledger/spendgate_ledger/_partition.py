@@ -270,13 +270,20 @@ class PartitionWorker:
         return self._queue.qsize()
 
     async def sweep_periodically(self) -> None:
-        """Queue a sweep every interval (skipped while the queue is full: a later one runs).
+        """Queue a sweep every interval (skipped while the queue is full: a later one runs),
+        and take a snapshot that is due if the partition is idle.
 
         A sweep goes through the queue like any command, so its ReservationExpired
-        events are ordered, batched and fenced exactly like the rest.
+        events are ordered, batched and fenced exactly like the rest. A snapshot is
+        otherwise considered only after an append: one held back by the spacing when a
+        burst ended would wait for the next append, and a takeover meanwhile would
+        replay the whole tail.
         """
         while not self.fenced:
             await asyncio.sleep(self._sweep_interval.total_seconds())
+            if not self.busy and self._queue.empty():
+                # Nothing decided and not appended: the state equals the log.
+                self._maybe_snapshot()
             if self.state.holds:
                 self.submit(PendingRequest([Sweep()], ""))
 
