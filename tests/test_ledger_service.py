@@ -30,6 +30,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from spendgate_common.errors import StoreUnavailableError
+from spendgate_common.event_batches import MalformedBatchError
 from spendgate_common.events_v1 import (
     AnyEvent,
     KeyIssued,
@@ -691,6 +692,29 @@ async def test_a_database_that_is_not_utf8_is_refused_at_start(
     latin1_url = database_url.rsplit("/", 1)[0] + "/ledger_latin1"
     with pytest.raises(DatabaseEncodingError, match="LATIN1"):
         async with running_ledger(latin1_url, nats_url):
+            pass
+
+
+async def test_a_partition_whose_log_was_edited_is_refused_at_start(
+    database_url: str, nats_url: str, client: LedgerClient, database: asyncpg.Connection[Any]
+) -> None:
+    """A batch row that does not split into its seqs (edited outside the ledger): the
+    replica refuses to serve from it, with the row named, rather than replay it."""
+    key = new_vault_key(TENANT)
+    async with running_ledger(database_url, nats_url):
+        await client.one(issue(key))
+        await client.one(reserve(key))
+    partition = partition_of(TENANT)
+    # One event more in the first row than its range holds.
+    await database.execute(
+        "UPDATE event_batches SET bodies = bodies || '\\x0a7b7d'::bytea,"
+        " types = types || E'\\nKeyIssued' WHERE partition = $1 AND first_seq = 1",
+        partition,
+    )
+    with pytest.raises(
+        MalformedBatchError, match=f"partition {partition}: the event batch at seq 1"
+    ):
+        async with running_ledger(database_url, nats_url):
             pass
 
 
