@@ -18,7 +18,7 @@ from spendgate_common.event_batches import (
     join_bodies,
     split_batch,
 )
-from spendgate_common.migrate import apply_migrations, load_migrations
+from spendgate_common.migrate import apply_migrations
 from spendgate_ledger import _store
 from spendgate_ledger._store import EventRow, LedgerStore
 
@@ -123,21 +123,6 @@ async def test_the_store_reads_the_log_from_any_seq(
     assert stored == len(APPEND_SIZES)
 
 
-async def migrate_to_before_event_batches(connection: asyncpg.Connection[Any]) -> None:
-    """Apply the migrations before 0008 (as ``apply_migrations`` records them)."""
-    await connection.execute(
-        "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-        " applied_at timestamptz NOT NULL DEFAULT now())"
-    )
-    for migration in load_migrations()[: EVENT_BATCHES_MIGRATION - 1]:
-        await connection.execute(migration.sql)
-        await connection.execute(
-            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-            migration.version,
-            migration.name,
-        )
-
-
 async def test_the_migration_makes_one_batch_of_each_append_already_in_the_log(
     database_url: str,
 ) -> None:
@@ -146,7 +131,7 @@ async def test_the_migration_makes_one_batch_of_each_append_already_in_the_log(
     exactly the rows the table held."""
     connection: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
     try:
-        await migrate_to_before_event_batches(connection)
+        await apply_migrations(connection, up_to=EVENT_BATCHES_MIGRATION - 1)
         rng = random.Random(8)
         # Transactions as (partition, seqs, epoch) parts: one spans two partitions, as an
         # append never did but a hand-made log could.
@@ -277,7 +262,7 @@ async def test_an_append_committing_while_the_migration_runs_is_not_lost(
     appender: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
     migrator: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
     try:
-        await migrate_to_before_event_batches(migrator)
+        await apply_migrations(migrator, up_to=EVENT_BATCHES_MIGRATION - 1)
         append = appender.transaction()
         await append.start()
         await appender.execute(

@@ -45,8 +45,10 @@ def load_migrations() -> list[Migration]:
 
 async def apply_migrations(
     connection: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
+    up_to: int | None = None,
 ) -> list[int]:
-    """Apply what is missing; return the versions applied now (empty when up to date)."""
+    """Apply what is missing (only versions up to ``up_to``, when given: a schema as an
+    earlier release left it); return the versions applied now (empty when up to date)."""
     async with connection.transaction():
         # Under the lock: concurrent CREATE TABLE IF NOT EXISTS can still collide.
         await connection.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_KEY)
@@ -57,6 +59,8 @@ async def apply_migrations(
         )
     applied_now: list[int] = []
     for migration in load_migrations():
+        if up_to is not None and migration.version > up_to:
+            break
         async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_KEY)
             done = await connection.fetchval(
