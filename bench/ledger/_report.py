@@ -76,8 +76,9 @@ def intervals(results: Sequence[JobResult], duration_s: float) -> list[Interval]
 
 class AutovacuumSeen(msgspec.Struct, frozen=True):
     """What Postgres's autovacuum workers did during a window (``_probe.AutovacuumWatch``):
-    the distinct ``pg_stat_activity.query`` texts seen (``autovacuum: VACUUM ANALYZE
-    public.events``) and the share of looks that found at least one worker busy."""
+    the distinct ``pg_stat_activity.query`` texts seen (``autovacuum: VACUUM
+    pg_toast.pg_toast_16584``, the event log's TOAST table) and the share of looks that
+    found at least one worker busy."""
 
     queries: list[str]
     share: float
