@@ -677,6 +677,15 @@ async def test_event_bytes_are_stored_exactly_also_beyond_ascii(
     assert isinstance(events[1], ReservationGranted)
     assert events[1].idempotency_key == "ключ\n"
     async with running_ledger(database_url, nats_url):  # replayed from those bytes
+        # Right after a restart the server may not route to the new subscription yet
+        # (NoResponders, seen in 4 of 80 runs before this wait; callers retry such a
+        # request within their deadline): ask until the replica answers.
+        async def answers() -> bool:
+            with contextlib.suppress(nats.errors.NoRespondersError):
+                return isinstance(await client.one(query(key)), KeyState)
+            return False
+
+        await eventually(answers, "the restarted ledger answering")
         state = await client.one(QueryKey(tenant=TENANT, key_id=key.key_id))
         assert isinstance(state, KeyState)
         assert state.label == label
